@@ -1,0 +1,198 @@
+"""covidscan command line: a thin layer over the package, one sub-command per stage."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from covidscan import DISCLAIMER
+from covidscan.errors import CovidscanError
+
+app = typer.Typer(
+    help="covidscan: COVID-19 detection on chest CT/X-ray with transfer-learned CNNs, "
+    "evaluated without patient leakage. Decision support only, not a diagnosis.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Make and index data sets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False)
+
+
+def _log(message: str) -> None:
+    console.print(message)
+
+
+@data_app.command("phantom")
+def data_phantom(
+    out: Annotated[Path, typer.Argument(help="Folder to write ROOT/<class>/<patient>/<slice>.png into.")],
+    patients: Annotated[int, typer.Option(help="Synthetic patients per class.")] = 24,
+    slices: Annotated[int, typer.Option(help="Slices per patient.")] = 6,
+    size: Annotated[int, typer.Option(help="Image size in pixels.")] = 128,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same files).")] = 0,
+) -> None:
+    """Generate the synthetic chest-CT-like phantom data set (deterministic for a seed)."""
+    from covidscan.data.phantom import PhantomSpec, generate_phantom_dataset
+
+    generate_phantom_dataset(out, PhantomSpec(patients, slices, size, seed))
+    _log(f"wrote {2 * patients * slices} phantom images of {2 * patients} patients to {out}")
+
+
+@data_app.command("index")
+def data_index(
+    root: Annotated[Path, typer.Argument(help="Data folder: ROOT/<class>/<image> or ROOT/<class>/<patient>/<image>.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Manifest CSV to write.")] = Path("manifest.csv"),
+    labels: Annotated[str, typer.Option(help="'binary' (COVID vs non-COVID), 'auto' (folder names) or 'A,B,C'.")] = "binary",
+) -> None:
+    """Index an image folder into a manifest (one row per image)."""
+    from covidscan.data.manifest import save_manifest
+    from covidscan.data.sources import LabelSet, index_folder
+
+    frame = index_folder(root, LabelSet.parse(labels))
+    save_manifest(frame, out)
+    counts = frame["label"].value_counts().to_dict()
+    _log(f"indexed {len(frame)} images {counts} -> {out}")
+
+
+@app.command("split")
+def split_command(
+    manifest: Annotated[Path, typer.Argument(help="Manifest CSV.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Manifest CSV to write, with group and split columns.")],
+    test_size: Annotated[float, typer.Option(help="Share of patients held out for testing.")] = 0.2,
+    val_size: Annotated[float, typer.Option(help="Share of patients for validation (model selection).")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Split by patient (stratified, grouped, seeded) into train/val/test."""
+    from covidscan.data.manifest import load_manifest, save_manifest
+    from covidscan.data.split import split_by_patient
+
+    frame = split_by_patient(load_manifest(manifest), test_size, val_size, seed, str(manifest))
+    save_manifest(frame, out)
+    summary = frame.groupby("split").agg(images=("path", "size"), patients=("group", "nunique"))
+    _log(f"split by patient -> {out}\n{summary.to_string()}")
+
+
+@app.command("train")
+def train_command(
+    manifest: Annotated[Optional[Path], typer.Argument(help="Manifest CSV (split by patient when it has no split column).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder to create.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML config (see src/covidscan/config.py for keys).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override, e.g. --set train.epochs=5 (repeatable).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Resume the run in this folder from its last checkpoint.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Fine-tune a pretrained backbone and evaluate it on the held-out test patients."""
+    from covidscan.config import load_config
+    from covidscan.data.manifest import load_manifest
+    from covidscan.pipeline import train_run
+
+    if resume is not None:
+        if not (resume / "config.yaml").is_file():
+            raise CovidscanError(f"{resume}: not a run folder to resume (no config.yaml)")
+        cfg = load_config(resume / "config.yaml", set_)
+        frame = load_manifest(resume / "manifest.csv")
+        run_dir = resume
+    else:
+        if manifest is None or out is None:
+            raise CovidscanError("train needs a MANIFEST and --out RUN_FOLDER (or --resume RUN_FOLDER)")
+        if out.exists() and any(out.iterdir()):
+            raise CovidscanError(f"{out}: run folder exists and is not empty; use --resume {out} or another --out")
+        cfg = load_config(config, set_)
+        frame = load_manifest(manifest)
+        run_dir = out
+    metrics = train_run(frame, cfg, run_dir, resume=resume is not None, show_progress=not quiet, log=_log)
+    _print_summary(metrics, run_dir)
+
+
+def _print_summary(metrics: dict[str, object], run_dir: Path) -> None:
+    test = metrics["test"]
+    assert isinstance(test, dict)
+    shown = ", ".join(f"{k} {test[k]:.3f}" for k in ("accuracy", "sensitivity", "specificity", "f1", "auc") if k in test)
+    _log(f"test ({test['n']} images of held-out patients): {shown}")
+    _log(f"report: {run_dir / 'report.html'}   metrics: {run_dir / 'metrics.json'}")
+
+
+@app.command("predict")
+def predict_command(
+    model: Annotated[Path, typer.Argument(help="Run folder (or its model.json).")],
+    images: Annotated[list[Path], typer.Argument(help="PNG/JPEG image files.")],
+) -> None:
+    """Print class probabilities and the predicted label for each image."""
+    from covidscan.predict import Predictor
+
+    predictor = Predictor(model)
+    for prediction in predictor.predict(list(images)):
+        probs = "  ".join(f"P({name})={value:.3f}" for name, value in prediction.probabilities.items())
+        _log(f"{prediction.path}: {prediction.label}  {probs}")
+    _log(f"[italic]{DISCLAIMER}[/italic]")
+
+
+@app.command("models")
+def models_command() -> None:
+    """List the registered backbones, their input sizes and where their weights come from."""
+    from covidscan.models.registry import list_backbones
+
+    for spec in list_backbones():
+        _log(f"[bold]{spec.name}[/bold]  {spec.input_size} px  CAM layer '{spec.cam_layer}'  {spec.notes}")
+        for source in spec.weight_sources:
+            _log(f"    weights: {source}")
+    _log("Any other timm model name works too, with --set model.weights=FILE or hub.")
+
+
+@app.command("demo")
+def demo_command(
+    out: Annotated[Path, typer.Option(help="Run folder to write.")] = Path("runs/demo"),
+    data: Annotated[Path, typer.Option(help="Where the synthetic data set is generated.")] = Path("runs/demo-data"),
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override the demo config, e.g. --set train.epochs=2.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Run the whole pipeline on the synthetic phantom data set: data, split, train, evaluate, report."""
+    from covidscan.config import load_config, packaged_config
+    from covidscan.data.manifest import save_manifest
+    from covidscan.data.phantom import PhantomSpec, generate_phantom_dataset
+    from covidscan.data.sources import LabelSet, index_folder
+    from covidscan.pipeline import publish_run_dir, train_run
+
+    started = time.perf_counter()
+    spec = PhantomSpec()
+    stamp = data / ".complete"
+    if not stamp.is_file() or stamp.read_text() != repr(spec):
+        _log(f"generating {2 * spec.patients_per_class * spec.slices_per_patient} synthetic CT slices -> {data}")
+        generate_phantom_dataset(data, spec)
+        stamp.write_text(repr(spec))
+    frame = index_folder(data, LabelSet.binary(), source="phantom")
+    cfg = load_config(packaged_config("demo"), set_)
+    staging = out.with_name(f".{out.name}.staging")
+    if staging.exists():
+        import shutil
+
+        shutil.rmtree(staging)
+    save_manifest(frame, staging / "manifest-unsplit.csv")
+    metrics = train_run(frame, cfg, staging, show_progress=not quiet, log=_log)
+    publish_run_dir(staging, out)
+    _print_summary(metrics, out)
+    _log(f"demo finished in {time.perf_counter() - started:.0f} s")
+    _log(f"try a prediction:  covidscan predict {out} {sorted(data.glob('COVID/*/*.png'))[0]}")
+    _log(f"[italic]{DISCLAIMER}[/italic]")
+
+
+def main() -> None:
+    """Entry point: user errors print one line and exit 2; no traceback."""
+    try:
+        app()
+    except CovidscanError as exc:
+        err_console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

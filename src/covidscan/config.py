@@ -1,0 +1,164 @@
+"""Typed run configuration: defaults, then a YAML file, then `section.key=value` overrides.
+
+Unknown keys are errors (with a "did you mean"), so a typo never silently
+falls back to a default. The resolved config is saved in every run folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from covidscan.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    image_size: int = 0  # 0: the backbone's registered input size
+    labels: str = "binary"  # 'binary', 'auto' (folder names) or 'A,B,C'
+    positive_class: str = "COVID"
+
+
+@dataclass
+class SplitConfig:
+    by: str = "patient"
+    test_size: float = 0.2
+    val_size: float = 0.2  # share of the whole data set
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "efficientnet_lite0"
+    weights: str = "imagenet"
+    dropout: float = 0.25
+    transfer: str = "fine"  # shallow | deep | fine
+
+
+@dataclass
+class TrainConfig:
+    """Defaults follow the seed study: batch 64, Adam, cross-entropy, rotation augmentation."""
+
+    epochs: int = 20
+    head_epochs: int = 2  # 'fine' transfer: epochs with the backbone frozen
+    batch_size: int = 64
+    lr: float = 1e-3
+    backbone_lr_scale: float = 0.1  # 'fine' transfer: backbone learning rate = lr * this
+    weight_decay: float = 0.0
+    patience: int = 5  # early stopping on validation loss
+    augment: bool = True
+    rotation_deg: float = 10.0
+    class_balanced: bool = False
+    device: str = "auto"
+    seed: int = 0
+    deterministic: bool = True
+    threads: int = 0  # 0: torch's default
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, default: Any, where: str) -> Any:
+    """Check/convert a value to the type of the field's default."""
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif kind is str:
+        return str(value)
+    raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
+
+
+def _apply(config: RunConfig, section: str, key: str, value: Any, origin: str) -> None:
+    sections = {f.name for f in dataclasses.fields(config)}
+    if section not in sections:
+        hint = difflib.get_close_matches(section, sections, n=1)
+        raise ConfigError(f"{origin}: unknown section {section!r}" + (f"; did you mean {hint[0]!r}?" if hint else f"; sections: {sorted(sections)}"))
+    target = getattr(config, section)
+    keys = {f.name for f in dataclasses.fields(target)}
+    if key not in keys:
+        hint = difflib.get_close_matches(key, keys, n=1)
+        raise ConfigError(f"{origin}: unknown key {section}.{key}" + (f"; did you mean {section}.{hint[0]}?" if hint else f"; keys: {sorted(keys)}"))
+    setattr(target, key, _coerce(value, getattr(target, key), f"{origin}: {section}.{key}"))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults <- YAML file <- `section.key=value` overrides."""
+    config = RunConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections")
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: section {section!r} must be a mapping")
+            for key, value in values.items():
+                _apply(config, str(section), str(key), value, str(path))
+    for item in overrides or []:
+        name, sep, raw = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot:
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.epochs=5")
+        _apply(config, section, key, yaml.safe_load(raw) if raw.strip() else "", f"override {item!r}")
+    validate_config(config)
+    return config
+
+
+def validate_config(config: RunConfig) -> None:
+    from covidscan.models.classifier import TRANSFER_MODES
+
+    if config.model.transfer not in TRANSFER_MODES:
+        raise ConfigError(f"model.transfer must be one of {list(TRANSFER_MODES)}, got {config.model.transfer!r}")
+    if not 0.0 <= config.model.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {config.model.dropout}")
+    if not (0.0 < config.split.test_size < 1.0 and 0.0 < config.split.val_size < 1.0 and config.split.test_size + config.split.val_size < 1.0):
+        raise ConfigError("split.test_size and split.val_size must be in (0, 1) and sum to less than 1")
+    for name in ("epochs", "batch_size"):
+        if getattr(config.train, name) < 1:
+            raise ConfigError(f"train.{name} must be at least 1")
+    if config.train.lr <= 0:
+        raise ConfigError("train.lr must be positive")
+
+
+def packaged_config(name: str) -> Path:
+    """Path of a config file shipped with the package (e.g. 'demo')."""
+    return Path(str(resources.files("covidscan") / "configs" / f"{name}.yaml"))
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    from covidscan import atomic
+
+    atomic.write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

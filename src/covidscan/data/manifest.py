@@ -1,0 +1,69 @@
+"""The Manifest: one row per image, the object every stage reads and writes.
+
+Columns (required first): `path`, `label`, then `patient_id`, `group`,
+`source`, `split`, plus any stage-specific extras. Paths are absolute so a
+manifest copied into a run folder still points at its images.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from covidscan import atomic
+from covidscan.errors import DataError
+
+REQUIRED_COLUMNS = ("path", "label")
+STANDARD_COLUMNS = ("path", "label", "patient_id", "group", "source", "split")
+SPLITS = ("train", "val", "test")
+
+
+def new_manifest(rows: list[dict[str, object]]) -> pd.DataFrame:
+    """Build a manifest from row dicts, filling the standard columns."""
+    frame = pd.DataFrame(rows)
+    for column in STANDARD_COLUMNS:
+        if column not in frame.columns:
+            frame[column] = ""
+    ordered = list(STANDARD_COLUMNS) + [c for c in frame.columns if c not in STANDARD_COLUMNS]
+    return frame[ordered].reset_index(drop=True)
+
+
+def validate_manifest(frame: pd.DataFrame, where: str | Path = "manifest") -> pd.DataFrame:
+    """Check the columns and values every stage relies on; return the frame."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataError(where, f"manifest lacks column(s) {missing}; it has {list(frame.columns)}")
+    if len(frame) == 0:
+        raise DataError(where, "manifest has no rows")
+    if frame["path"].isna().any() or (frame["path"].astype(str) == "").any():
+        raise DataError(where, "manifest has rows without a path")
+    if frame["label"].isna().any() or (frame["label"].astype(str) == "").any():
+        raise DataError(where, "manifest has rows without a label")
+    if "split" in frame.columns:
+        bad = sorted(set(frame["split"].astype(str)) - set(SPLITS) - {""})
+        if bad:
+            raise DataError(where, f"unknown split value(s) {bad}; allowed: {list(SPLITS)}")
+    return frame
+
+
+def save_manifest(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Write the manifest as CSV, atomically."""
+    validate_manifest(frame, path)
+    return atomic.write_with(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+def load_manifest(path: str | Path) -> pd.DataFrame:
+    """Read and validate a manifest CSV. Empty cells read as empty strings."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "manifest file does not exist")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"not a readable manifest CSV ({exc})") from None
+    return new_manifest(validate_manifest(frame, path).to_dict("records"))
+
+
+def class_names(frame: pd.DataFrame) -> list[str]:
+    """The label set of a manifest, in a stable order (sorted)."""
+    return sorted(frame["label"].astype(str).unique())

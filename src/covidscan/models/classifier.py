@@ -1,0 +1,97 @@
+"""Backbone -> global average pool -> dropout -> linear.
+
+With this head, the class activation map of the last feature map equals
+Grad-CAM exactly, which lets the torch-free service compute heat maps.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import timm
+import torch
+from timm.models import adapt_input_conv
+from torch import nn
+
+from covidscan.models.registry import BackboneSpec, get_backbone
+from covidscan.models.weights import load_imagenet_weights
+
+TransferMode = Literal["shallow", "deep", "fine"]
+TRANSFER_MODES: tuple[str, ...] = ("shallow", "deep", "fine")
+
+
+def _get_module(root: nn.Module, dotted: str) -> nn.Module:
+    module = root
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _adapt_first_conv(backbone: nn.Module, in_chans: int) -> None:
+    """Sum the first convolution's RGB filters for gray input (timm's adapt_input_conv)."""
+    if in_chans == 3:
+        return
+    conv_path = backbone.pretrained_cfg["first_conv"]
+    conv = _get_module(backbone, conv_path)
+    conv.weight = nn.Parameter(adapt_input_conv(in_chans, conv.weight.detach()))
+    conv.in_channels = in_chans
+
+
+def build_imagenet_model(spec: BackboneSpec, weights: str = "imagenet") -> tuple[nn.Module, str]:
+    """The timm model with its ImageNet head, weights loaded; used for the weights check too."""
+    model = timm.create_model(spec.timm_name, pretrained=False)
+    if spec.bn_eps is not None:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eps = spec.bn_eps
+    return model, load_imagenet_weights(spec, model, weights)
+
+
+class CovidClassifier(nn.Module):
+    """A timm backbone with covidscan's GAP-dropout-linear head."""
+
+    def __init__(
+        self,
+        backbone_name: str,
+        num_classes: int,
+        in_chans: int = 1,
+        dropout: float = 0.25,
+        weights: str = "imagenet",
+    ) -> None:
+        super().__init__()
+        self.spec = get_backbone(backbone_name)
+        backbone, self.weights_source = build_imagenet_model(self.spec, weights)
+        backbone.reset_classifier(0, global_pool="")
+        _adapt_first_conv(backbone, in_chans)
+        self.backbone = backbone
+        self.in_chans = in_chans
+        self.num_features = int(backbone.num_features)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(self.num_features, num_classes)
+        self.frozen_backbone = False
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map (N, C, h, w): the head's input and the CAM layer."""
+        return self.backbone.forward_features(x)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(features.mean(dim=(2, 3))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features (N, C): for clustering, t-SNE and the input gate."""
+        return self.forward_features(x).mean(dim=(2, 3))
+
+    def freeze_backbone(self, frozen: bool) -> None:
+        """Shallow transfer: train the head only, with the backbone's BatchNorm statistics fixed."""
+        self.frozen_backbone = frozen
+        self.backbone.requires_grad_(not frozen)
+        if frozen:
+            self.backbone.eval()
+
+    def train(self, mode: bool = True) -> CovidClassifier:
+        super().train(mode)
+        if self.frozen_backbone:
+            self.backbone.eval()
+        return self

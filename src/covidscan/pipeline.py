@@ -1,0 +1,155 @@
+"""One training run end to end: manifest in, run folder out.
+
+Run folder: config.yaml, manifest.csv (with split), model.json,
+checkpoints/{last,best}.safetensors, history.jsonl, metrics.json, report.html.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from covidscan import DISCLAIMER, __version__, atomic
+from covidscan.config import RunConfig, save_config
+from covidscan.data.io import load_resized
+from covidscan.data.manifest import class_names, save_manifest
+from covidscan.data.split import split_by_patient
+from covidscan.data.transforms import Normaliser
+from covidscan.errors import CovidscanError, DataError
+from covidscan.evaluate.metrics import binary_metrics
+from covidscan.evaluate.report import write_report
+from covidscan.models.classifier import CovidClassifier
+from covidscan.models.registry import get_backbone
+from covidscan.progress import track
+from covidscan.seed import seed_everything
+from covidscan.train.engine import TensorData, fit, predict_proba, resolve_device
+
+MODEL_CARD = "model.json"
+
+
+def load_image_array(paths: Sequence[str], size: int, description: str = "loading images", show: bool = True) -> np.ndarray:
+    """Read and resize images into one uint8 array (N, 1, size, size)."""
+    out = np.empty((len(paths), 1, size, size), np.uint8)
+    for i, path in enumerate(track(paths, description, show)):
+        out[i, 0] = load_resized(path, size)
+    return out
+
+
+def ordered_classes(frame: pd.DataFrame, positive: str) -> list[str]:
+    """Class order of the model's outputs: for two classes the positive one is last (index 1)."""
+    classes = class_names(frame)
+    if len(classes) == 2 and positive in classes:
+        classes = [c for c in classes if c != positive] + [positive]
+    return classes
+
+
+def assign_splits(frame: pd.DataFrame, config: RunConfig, where: str) -> pd.DataFrame:
+    """Keep an existing split column; otherwise split by patient as configured."""
+    if "split" in frame.columns and set(frame["split"].astype(str)) >= {"train", "val", "test"}:
+        return frame
+    if config.split.by != "patient":
+        raise CovidscanError(f"split.by={config.split.by!r} is not available yet; split by patient")
+    return split_by_patient(frame, config.split.test_size, config.split.val_size, config.split.seed, where)
+
+
+def train_run(
+    frame: pd.DataFrame,
+    config: RunConfig,
+    run_dir: str | Path,
+    resume: bool = False,
+    show_progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, object]:
+    """Split (if needed), train, evaluate on the held-out test patients, write the run folder."""
+    run_dir = Path(run_dir)
+    started = time.perf_counter()
+    seed_everything(config.train.seed, config.train.deterministic)
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    frame = assign_splits(frame, config, str(run_dir / "manifest.csv"))
+    classes = ordered_classes(frame, config.data.positive_class)
+    if len(classes) < 2:
+        raise DataError(run_dir, f"need at least two classes, found {classes}")
+    spec = get_backbone(config.model.backbone)
+    size = config.data.image_size or spec.input_size
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    save_manifest(frame, run_dir / "manifest.csv")
+
+    parts: dict[str, TensorData] = {}
+    for split in ("train", "val", "test"):
+        rows = frame[frame["split"] == split]
+        if rows.empty or rows["label"].nunique() < (2 if split != "test" else 1):
+            raise DataError(run_dir / "manifest.csv", f"split {split!r} has {len(rows)} images of {rows['label'].nunique()} class(es); too few patients to train and test")
+        images = load_image_array(rows["path"].tolist(), size, f"loading {split} images", show_progress)
+        labels = np.array([classes.index(label) for label in rows["label"]], np.int64)
+        parts[split] = TensorData(torch.from_numpy(images), torch.from_numpy(labels))
+    log(
+        "images: " + ", ".join(f"{k} {len(v)}" for k, v in parts.items())
+        + f" | patients: " + ", ".join(f"{k} {frame.loc[frame['split'] == k, 'group'].nunique()}" for k in parts)
+    )
+
+    device = resolve_device(config.train.device)
+    model = CovidClassifier(config.model.backbone, len(classes), 1, config.model.dropout, config.model.weights).to(device)
+    normaliser = Normaliser.for_backbone(spec)
+    log(f"model: {spec.name} ({model.weights_source}), {size} px, transfer '{config.model.transfer}', device {device}")
+    positive = len(classes) - 1
+    result = fit(
+        model, parts["train"].to(device), parts["val"].to(device), config.train, config.model.transfer,
+        normaliser, run_dir, positive=positive, resume=resume, log=log,
+    )
+
+    test = parts["test"]
+    probs = predict_proba(model, test.images.to(device), normaliser, config.train.batch_size)
+    labels = test.labels.numpy()
+    metrics: dict[str, object] = {
+        "covidscan_version": __version__,
+        "decision_support": DISCLAIMER,
+        "classes": classes,
+        "positive_class": classes[positive],
+        "split": {"by": config.split.by, "seed": config.split.seed, "counts": {k: len(v) for k, v in parts.items()}},
+        "test": binary_metrics(labels == positive, probs[:, positive]) if len(classes) == 2 else {
+            "n": int(len(labels)), "accuracy": float((probs.argmax(1) == labels).mean())
+        },
+        "training": {k: v for k, v in result.items() if k != "history"},
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    card = {
+        "backbone": spec.name,
+        "classes": classes,
+        "positive_class": classes[positive],
+        "image_size": size,
+        "in_chans": 1,
+        "dropout": config.model.dropout,
+        "normalise": {"mean": normaliser.mean, "std": normaliser.std},
+        "threshold": 0.5,
+        "weights": "checkpoints/best.safetensors",
+        "pretrained_from": model.weights_source,
+        "covidscan_version": __version__,
+        "intended_use": DISCLAIMER,
+    }
+    atomic.write_json(run_dir / MODEL_CARD, card)
+    atomic.write_json(run_dir / "metrics.json", metrics)
+    predictions = frame[frame["split"] == "test"][["path", "label", "patient_id"]].copy()
+    predictions["p_" + classes[positive]] = probs[:, positive]
+    atomic.write_with(run_dir / "test_predictions.csv", lambda tmp: predictions.to_csv(tmp, index=False))
+    write_report(run_dir / "report.html", metrics, result["history"], config)  # type: ignore[arg-type]
+    return metrics
+
+
+def publish_run_dir(staging: Path, final: Path) -> Path:
+    """Swap a finished staging folder into place; the old run is removed only after the swap."""
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+    return final

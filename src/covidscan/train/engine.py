@@ -1,0 +1,200 @@
+"""The training loop: whole data set as uint8 tensors, batched augmentation,
+transfer modes, early stopping, atomic checkpoints and exact resume.
+
+Every epoch re-seeds its own generator from (seed, epoch), so an epoch's
+shuffling, augmentation and dropout do not depend on what ran before: a run
+resumed from its last checkpoint repeats the uninterrupted run exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from covidscan import atomic
+from covidscan.config import TrainConfig
+from covidscan.data.transforms import AugmentConfig, Normaliser, augment, to_float
+from covidscan.evaluate.metrics import auc_roc
+from covidscan.models.classifier import CovidClassifier
+from covidscan.train.checkpoint import load_checkpoint, save_checkpoint
+
+LAST = "checkpoints/last.safetensors"
+BEST = "checkpoints/best.safetensors"
+HISTORY = "history.jsonl"
+
+
+@dataclass
+class TensorData:
+    """Images as uint8 (N, 1, H, W) and integer labels, on one device."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to(self, device: torch.device) -> TensorData:
+        return TensorData(self.images.to(device), self.labels.to(device))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _autocast(device: torch.device) -> torch.autocast:
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def predict_proba(
+    model: CovidClassifier, images: torch.Tensor, normaliser: Normaliser, batch_size: int = 64
+) -> np.ndarray:
+    """Class probabilities (N, C) for uint8 images, in eval mode."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        batch = normaliser(to_float(images[start : start + batch_size].to(device)))
+        with _autocast(device):
+            logits = model(batch)
+        out.append(logits.float().softmax(1).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, model.head.out_features), np.float32)
+
+
+def _class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    counts = torch.bincount(labels.cpu(), minlength=num_classes).float().clamp(min=1)
+    return (counts.sum() / (num_classes * counts)).to(labels.device)
+
+
+def _make_optimizer(model: CovidClassifier, cfg: TrainConfig, transfer: str) -> torch.optim.Optimizer:
+    backbone_lr = cfg.lr * (cfg.backbone_lr_scale if transfer == "fine" else 1.0)
+    return torch.optim.Adam(
+        [
+            {"params": list(model.backbone.parameters()), "lr": backbone_lr, "name": "backbone"},
+            {"params": list(model.head.parameters()), "lr": cfg.lr, "name": "head"},
+        ],
+        weight_decay=cfg.weight_decay,
+    )
+
+
+def _backbone_frozen(transfer: str, epoch: int, head_epochs: int) -> bool:
+    return transfer == "shallow" or (transfer == "fine" and epoch < head_epochs)
+
+
+def _train_one_epoch(
+    model: CovidClassifier,
+    data: TensorData,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    normaliser: Normaliser,
+    generator: torch.Generator,
+    loss_weight: torch.Tensor | None,
+) -> float:
+    model.train()
+    device = data.images.device
+    order = torch.randperm(len(data), generator=generator).to(device)
+    aug_cfg = AugmentConfig(rotation_deg=cfg.rotation_deg)
+    total, seen = 0.0, 0
+    for start in range(0, len(data), cfg.batch_size):
+        index = order[start : start + cfg.batch_size]
+        if index.numel() < 2 and seen:  # a batch of one breaks BatchNorm; drop the remainder
+            break
+        batch = to_float(data.images[index])
+        if cfg.augment:
+            batch = augment(batch, generator, aug_cfg)
+        batch = normaliser(batch)
+        target = data.labels[index]
+        with _autocast(device):
+            if model.frozen_backbone:
+                with torch.no_grad():
+                    features = model.forward_features(batch)
+                logits = model.forward_head(features)
+            else:
+                logits = model(batch)
+            loss = F.cross_entropy(logits.float(), target, weight=loss_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(index)
+        seen += len(index)
+    return total / max(seen, 1)
+
+
+def _validate(model: CovidClassifier, data: TensorData, normaliser: Normaliser, batch_size: int, positive: int) -> dict[str, float]:
+    probs = predict_proba(model, data.images, normaliser, batch_size)
+    labels = data.labels.cpu().numpy()
+    loss = float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-7)), torch.from_numpy(labels)))
+    return {
+        "val_loss": loss,
+        "val_accuracy": float((probs.argmax(1) == labels).mean()),
+        "val_auc": auc_roc(labels == positive, probs[:, positive]) if probs.shape[1] == 2 else math.nan,
+    }
+
+
+def fit(
+    model: CovidClassifier,
+    train: TensorData,
+    val: TensorData,
+    cfg: TrainConfig,
+    transfer: str,
+    normaliser: Normaliser,
+    run_dir: str | Path,
+    positive: int = 1,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, object]:
+    """Train with early stopping on validation loss; leave the best weights in `model`."""
+    run_dir = Path(run_dir)
+    num_classes = model.head.out_features
+    optimizer = _make_optimizer(model, cfg, transfer)
+    loss_weight = _class_weights(train.labels, num_classes) if cfg.class_balanced else None
+    state: dict[str, object] = {"epoch": -1, "best_loss": math.inf, "best_epoch": -1, "bad_epochs": 0, "history": [], "finished": False}
+    if resume and (run_dir / LAST).is_file():
+        model.freeze_backbone(False)  # parameters must be trainable to load optimizer state
+        state = load_checkpoint(run_dir / LAST, model, optimizer)
+        log(f"resuming after epoch {int(state['epoch']) + 1} from {run_dir / LAST}")
+    history: list[dict[str, float]] = list(state["history"])  # type: ignore[arg-type]
+    epoch = int(state["epoch"]) + 1
+    while not state["finished"] and epoch < cfg.epochs:
+        started = time.perf_counter()
+        epoch_seed = cfg.seed * 1_000_003 + epoch
+        generator = torch.Generator().manual_seed(epoch_seed)
+        torch.manual_seed(epoch_seed)  # dropout
+        frozen = _backbone_frozen(transfer, epoch, cfg.head_epochs)
+        model.freeze_backbone(frozen)
+        train_loss = _train_one_epoch(model, train, optimizer, cfg, normaliser, generator, loss_weight)
+        row = {"epoch": epoch + 1, "backbone": "frozen" if frozen else "trained", "train_loss": train_loss}
+        row.update(_validate(model, val, normaliser, cfg.batch_size, positive))
+        row["seconds"] = round(time.perf_counter() - started, 2)
+        history.append(row)
+        improved = row["val_loss"] < float(state["best_loss"]) - 1e-6  # type: ignore[arg-type]
+        if improved:
+            state["best_loss"], state["best_epoch"], state["bad_epochs"] = row["val_loss"], epoch + 1, 0
+            save_checkpoint(run_dir / BEST, model, {"epoch": epoch + 1, "val_loss": row["val_loss"]})
+        else:
+            state["bad_epochs"] = int(state["bad_epochs"]) + 1  # type: ignore[call-overload]
+        state["finished"] = int(state["bad_epochs"]) >= cfg.patience or epoch + 1 >= cfg.epochs  # type: ignore[call-overload]
+        state["epoch"], state["history"] = epoch, history
+        model.freeze_backbone(False)
+        save_checkpoint(run_dir / LAST, model, state, optimizer)
+        atomic.write_text(run_dir / HISTORY, "".join(json.dumps(r) + "\n" for r in history))
+        log(
+            f"epoch {epoch + 1}/{cfg.epochs} [{row['backbone']}] train loss {train_loss:.4f}  "
+            f"val loss {row['val_loss']:.4f}  val acc {row['val_accuracy']:.3f}  val AUC {row['val_auc']:.3f}  "
+            f"({row['seconds']:.1f} s){'  *best' if improved else ''}"
+        )
+        epoch += 1
+    if int(state["bad_epochs"]) >= cfg.patience and epoch < cfg.epochs:  # type: ignore[call-overload]
+        log(f"early stop: validation loss did not improve for {cfg.patience} epochs")
+    load_checkpoint(run_dir / BEST, model)
+    model.freeze_backbone(False)
+    return {"best_epoch": state["best_epoch"], "best_val_loss": state["best_loss"], "epochs_run": len(history), "history": history}
