@@ -52,9 +52,9 @@ def data_index(
 ) -> None:
     """Index an image folder into a manifest (one row per image)."""
     from covidscan.data.manifest import save_manifest
-    from covidscan.data.sources import LabelSet, index_folder
+    from covidscan.data.sources import index_folder
 
-    frame = index_folder(root, LabelSet.parse(labels))
+    frame = index_folder(root, labels)
     save_manifest(frame, out)
     counts = frame["label"].value_counts().to_dict()
     _log(f"indexed {len(frame)} images {counts} -> {out}")
@@ -156,7 +156,7 @@ def demo_command(
     from covidscan.config import load_config, packaged_config
     from covidscan.data.manifest import save_manifest
     from covidscan.data.phantom import PhantomSpec, generate_phantom_dataset
-    from covidscan.data.sources import LabelSet, index_folder
+    from covidscan.data.sources import index_folder
     from covidscan.pipeline import publish_run_dir, train_run
 
     started = time.perf_counter()
@@ -166,7 +166,7 @@ def demo_command(
         _log(f"generating {2 * spec.patients_per_class * spec.slices_per_patient} synthetic CT slices -> {data}")
         generate_phantom_dataset(data, spec)
         stamp.write_text(repr(spec))
-    frame = index_folder(data, LabelSet.binary(), source="phantom")
+    frame = index_folder(data, "binary", source="phantom")
     cfg = load_config(packaged_config("demo"), set_)
     staging = out.with_name(f".{out.name}.staging")
     if staging.exists():

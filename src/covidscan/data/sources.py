@@ -73,12 +73,15 @@ def _class_folders(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def index_folder(root: str | Path, labels: LabelSet | None = None, source: str | None = None) -> pd.DataFrame:
+def index_folder(root: str | Path, labels: LabelSet | str = "binary", source: str | None = None) -> pd.DataFrame:
     """Index `root/<class>/[<patient>/]<image>` into a manifest.
 
-    `labels=None` takes the folder names as classes. Raises DataError naming
-    the folder when it is missing, empty, unmapped or holds a single class.
+    `labels` is a LabelSet or its spec ('binary', 'auto' = folder names,
+    'A,B,C'). Raises DataError naming the folder when it is missing, empty,
+    unmapped or holds a single class.
     """
+    if isinstance(labels, str):
+        labels = LabelSet.parse(labels)
     root = Path(root).expanduser().resolve()
     if not root.exists():
         raise DataError(root, "data folder does not exist")

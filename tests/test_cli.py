@@ -1,0 +1,71 @@
+"""Bad input gets one line naming the path and the problem, exit code 2, no traceback."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "covidscan.cli", *args], capture_output=True, text=True)
+
+
+def _assert_clean_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    message = " ".join(result.stderr.split())
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_help_for_every_command() -> None:
+    for args in ([], ["data"], ["data", "index"], ["data", "phantom"], ["split"], ["train"], ["predict"], ["models"], ["demo"]):
+        result = _run(*args, "--help")
+        assert result.returncode == 0 and "Usage" in result.stdout, args
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    _assert_clean_error(_run("data", "index", str(tmp_path / "nowhere"), "-o", str(tmp_path / "m.csv")), "nowhere", "does not exist")
+
+
+def test_empty_folder(tmp_path: Path) -> None:
+    _assert_clean_error(_run("data", "index", str(tmp_path), "-o", str(tmp_path / "m.csv")), str(tmp_path), "no images")
+
+
+def test_one_class_only(tmp_path: Path) -> None:
+    (tmp_path / "COVID").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "COVID" / "a.png")
+    _assert_clean_error(_run("data", "index", str(tmp_path), "-o", str(tmp_path / "m.csv")), "only one class")
+
+
+def test_unreadable_image_stops_training_with_its_name(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for cls in ("COVID", "non-COVID"):
+        for p in range(3):
+            folder = data / cls / f"{cls}-{p}"
+            folder.mkdir(parents=True)
+            Image.fromarray(np.zeros((16, 16), np.uint8)).save(folder / "s.png")
+    bad = data / "COVID" / "COVID-1" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    manifest = tmp_path / "m.csv"
+    assert _run("data", "index", str(data), "-o", str(manifest)).returncode == 0
+    result = _run("train", str(manifest), "--out", str(tmp_path / "run"), "--quiet",
+                  "--set", "data.image_size=32", "--set", "train.epochs=1", "--set", "split.test_size=0.34", "--set", "split.val_size=0.33")
+    _assert_clean_error(result, "broken.png", "corrupt or truncated")
+
+
+def test_train_refuses_to_overwrite_a_run(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text("{}")
+    (tmp_path / "m.csv").write_text("path,label\na.png,COVID\n")
+    _assert_clean_error(_run("train", str(tmp_path / "m.csv"), "--out", str(tmp_path / "run")), "run folder exists")
+
+
+@pytest.mark.parametrize("content", ["", "just,some\ncsv,text\n"])
+def test_bad_manifest(tmp_path: Path, content: str) -> None:
+    (tmp_path / "m.csv").write_text(content)
+    _assert_clean_error(_run("split", str(tmp_path / "m.csv"), "-o", str(tmp_path / "o.csv")), "m.csv")

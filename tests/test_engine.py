@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from covidscan.config import TrainConfig
+from covidscan.data.transforms import AugmentConfig, Normaliser, augment
+from covidscan.models.classifier import CovidClassifier
+from covidscan.models.registry import get_backbone
+from covidscan.pipeline import load_image_array
+from covidscan.data.sources import index_folder
+from covidscan.seed import seed_everything
+from covidscan.train.engine import TensorData, fit
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _data(root: Path) -> tuple[TensorData, TensorData]:
+    frame = index_folder(root)
+    images = torch.from_numpy(load_image_array(frame["path"].tolist(), 48, show=False))
+    labels = torch.from_numpy((frame["label"] == "COVID").to_numpy().astype(np.int64))
+    order = torch.from_numpy(np.random.default_rng(0).permutation(len(frame)))
+    images, labels = images[order], labels[order]
+    return TensorData(images[:32], labels[:32]), TensorData(images[32:], labels[32:])
+
+
+def _model() -> CovidClassifier:
+    seed_everything(0)
+    return CovidClassifier("efficientnet_lite0", 2, 1, 0.25, "imagenet")
+
+
+def test_resume_after_interruption_repeats_the_uninterrupted_run(tiny_phantom: Path, tmp_path: Path) -> None:
+    train, val = _data(tiny_phantom)
+    cfg = TrainConfig(epochs=3, head_epochs=1, batch_size=8, patience=10, seed=3)
+    normaliser = Normaliser.for_backbone(get_backbone("efficientnet_lite0"))
+
+    whole = _model()
+    result_whole = fit(whole, train, val, cfg, "fine", normaliser, tmp_path / "whole", log=lambda m: None)
+
+    def stop_after_second_epoch(message: str) -> None:
+        if message.startswith("epoch 2/"):
+            raise Interrupted
+
+    broken = _model()
+    with pytest.raises(Interrupted):
+        fit(broken, train, val, cfg, "fine", normaliser, tmp_path / "resumed", log=stop_after_second_epoch)
+    resumed = _model()  # a fresh process would rebuild the model from scratch
+    result_resumed = fit(resumed, train, val, cfg, "fine", normaliser, tmp_path / "resumed", resume=True, log=lambda m: None)
+
+    assert [r["val_loss"] for r in result_resumed["history"]] == [r["val_loss"] for r in result_whole["history"]]
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_shallow_mode_changes_only_the_head(tiny_phantom: Path, tmp_path: Path) -> None:
+    train, val = _data(tiny_phantom)
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit(model, train, val, TrainConfig(epochs=1, batch_size=8, seed=0), "shallow", Normaliser(0.5, 0.5), tmp_path, log=lambda m: None)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"head.weight", "head.bias"}
+
+
+def test_augment_is_seeded_and_keeps_range() -> None:
+    x = torch.rand(4, 1, 32, 32)
+    a = augment(x, torch.Generator().manual_seed(1), AugmentConfig())
+    b = augment(x, torch.Generator().manual_seed(1), AugmentConfig())
+    c = augment(x, torch.Generator().manual_seed(2), AugmentConfig())
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
