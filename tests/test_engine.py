@@ -11,6 +11,7 @@ from covidscan.data.transforms import AugmentConfig, Normaliser, augment
 from covidscan.models.classifier import CovidClassifier
 from covidscan.models.registry import get_backbone
 from covidscan.pipeline import load_image_array
+from covidscan.data.manifest import image_refs
 from covidscan.data.sources import index_folder
 from covidscan.seed import seed_everything
 from covidscan.train.engine import TensorData, fit
@@ -22,7 +23,7 @@ class Interrupted(Exception):
 
 def _data(root: Path) -> tuple[TensorData, TensorData]:
     frame = index_folder(root)
-    images = torch.from_numpy(load_image_array(frame["path"].tolist(), 48, show=False))
+    images = torch.from_numpy(load_image_array(image_refs(frame), 48, show=False))
     labels = torch.from_numpy((frame["label"] == "COVID").to_numpy().astype(np.int64))
     order = torch.from_numpy(np.random.default_rng(0).permutation(len(frame)))
     images, labels = images[order], labels[order]

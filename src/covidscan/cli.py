@@ -46,18 +46,53 @@ def data_phantom(
 
 @data_app.command("index")
 def data_index(
-    root: Annotated[Path, typer.Argument(help="Data folder: ROOT/<class>/<image> or ROOT/<class>/<patient>/<image>.")],
+    roots: Annotated[list[Path], typer.Argument(help="Data folders or CSV files (path,label[,patient_id]); several are merged.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Manifest CSV to write.")] = Path("manifest.csv"),
+    kind: Annotated[str, typer.Option(help="auto, folder, csv, sarscov2-ct, ucsd-covid-ct, ieee8023 or kermany-normal.")] = "auto",
     labels: Annotated[str, typer.Option(help="'binary' (COVID vs non-COVID), 'auto' (folder names) or 'A,B,C'.")] = "binary",
 ) -> None:
-    """Index an image folder into a manifest (one row per image)."""
+    """Index data folders, CSV lists or known public sets into one manifest (one row per image or slice)."""
     from covidscan.data.manifest import save_manifest
-    from covidscan.data.sources import index_folder
+    from covidscan.data.public_sets import index_sources
 
-    frame = index_folder(root, labels)
+    frame = index_sources(list(roots), kind, labels)
     save_manifest(frame, out)
-    counts = frame["label"].value_counts().to_dict()
-    _log(f"indexed {len(frame)} images {counts} -> {out}")
+    counts = frame.groupby(["source", "label"]).size().to_dict()
+    patients = int((frame["patient_id"] != "").sum())
+    _log(f"indexed {len(frame)} images {counts}; {patients} with a patient ID -> {out}")
+
+
+@app.command("audit")
+def audit_command(
+    manifest: Annotated[Path, typer.Argument(help="Manifest CSV (from `covidscan data index`).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for audit.json, audit.html, manifest.audited.csv.")] = Path("audit"),
+    drop: Annotated[str, typer.Option(help="Write clean_manifest.csv without images flagged as any of: corrupt,quality,duplicate,conflict.")] = "",
+    dark: Annotated[float, typer.Option(help="Mean intensity below which an image is too dark.")] = 0.05,
+    bright: Annotated[float, typer.Option(help="Mean intensity above which an image is too bright.")] = 0.95,
+    low_contrast: Annotated[float, typer.Option(help="Intensity std below which contrast is too low.")] = 0.03,
+    min_side: Annotated[int, typer.Option(help="Smallest acceptable image side in pixels.")] = 64,
+    max_aspect: Annotated[float, typer.Option(help="Largest acceptable aspect ratio.")] = 3.0,
+    near_bits: Annotated[int, typer.Option(help="Near duplicate: perceptual hashes differing in at most this many of 256 bits.")] = 30,
+    shortcut_auc: Annotated[float, typer.Option(help="Warn when one file property separates classes with at least this AUC.")] = 0.70,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Audit a data set: unreadable files, quality, duplicates, class balance and shortcut risks."""
+    from covidscan.data.audit import AuditThresholds, drop_flagged, run_audit
+    from covidscan.data.audit_report import write_audit
+    from covidscan.data.manifest import load_manifest, save_manifest
+
+    thresholds = AuditThresholds(dark, bright, low_contrast, min_side, max_aspect, near_bits, shortcut_auc)
+    result = run_audit(load_manifest(manifest), thresholds, show=not quiet)
+    dropped = None
+    if drop:
+        clean, dropped = drop_flagged(result.properties, [k.strip() for k in drop.split(",") if k.strip()])
+        save_manifest(clean, out / "clean_manifest.csv")
+    paths = write_audit(result, out, manifest.name, dropped)
+    for warning in result.summary["warnings"]:  # type: ignore[union-attr]
+        console.print(f"[bold red]warning:[/bold red] {warning}")
+    _log(f"audited {result.summary['images']} images in {result.summary['seconds']} s -> {paths['html']}, {paths['json']}")
+    if dropped is not None:
+        _log(f"dropped {sum(dropped.values())} images {dropped} -> {out / 'clean_manifest.csv'}")
 
 
 @app.command("split")

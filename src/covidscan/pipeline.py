@@ -17,7 +17,7 @@ import torch
 from covidscan import DISCLAIMER, __version__, atomic
 from covidscan.config import RunConfig, save_config
 from covidscan.data.io import load_resized
-from covidscan.data.manifest import class_names, save_manifest
+from covidscan.data.manifest import class_names, image_refs, save_manifest
 from covidscan.data.split import split_by_patient
 from covidscan.data.transforms import Normaliser
 from covidscan.errors import CovidscanError, DataError
@@ -32,11 +32,13 @@ from covidscan.train.engine import TensorData, fit, predict_proba, resolve_devic
 MODEL_CARD = "model.json"
 
 
-def load_image_array(paths: Sequence[str], size: int, description: str = "loading images", show: bool = True) -> np.ndarray:
-    """Read and resize images into one uint8 array (N, 1, size, size)."""
-    out = np.empty((len(paths), 1, size, size), np.uint8)
-    for i, path in enumerate(track(paths, description, show)):
-        out[i, 0] = load_resized(path, size)
+def load_image_array(
+    refs: Sequence[tuple[str, int | None]], size: int, description: str = "loading images", show: bool = True
+) -> np.ndarray:
+    """Read and resize images (path, slice index) into one uint8 array (N, 1, size, size)."""
+    out = np.empty((len(refs), 1, size, size), np.uint8)
+    for i, (path, slice_index) in enumerate(track(refs, description, show)):
+        out[i, 0] = load_resized(path, size, slice_index)
     return out
 
 
@@ -86,7 +88,7 @@ def train_run(
         rows = frame[frame["split"] == split]
         if rows.empty or rows["label"].nunique() < (2 if split != "test" else 1):
             raise DataError(run_dir / "manifest.csv", f"split {split!r} has {len(rows)} images of {rows['label'].nunique()} class(es); too few patients to train and test")
-        images = load_image_array(rows["path"].tolist(), size, f"loading {split} images", show_progress)
+        images = load_image_array(image_refs(rows), size, f"loading {split} images", show_progress)
         labels = np.array([classes.index(label) for label in rows["label"]], np.int64)
         parts[split] = TensorData(torch.from_numpy(images), torch.from_numpy(labels))
     log(

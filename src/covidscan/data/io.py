@@ -5,6 +5,7 @@ raises `ImageReadError` naming the file, so callers never see a PIL traceback.
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,15 @@ from covidscan.errors import ImageReadError
 MAX_PIXELS = 60_000_000
 
 RASTER_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
-IMAGE_SUFFIXES = RASTER_SUFFIXES
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+IMAGE_SUFFIXES = RASTER_SUFFIXES | DICOM_SUFFIXES | frozenset(NIFTI_SUFFIXES)
+
+# CT window for lungs (width, level) in Hounsfield units, as radiologists read them.
+LUNG_WINDOW = (1500.0, -600.0)
+# A fixed salt: the same patient gets the same key in every manifest, and the
+# key does not reveal the DICOM PatientID it was made from.
+_PATIENT_KEY_SALT = b"covidscan-patient-key-v1"
 
 _BITS_BY_MODE = {"1": 1, "L": 8, "LA": 8, "P": 8, "RGB": 8, "RGBA": 8, "CMYK": 8, "I;16": 16, "I;16B": 16, "I;16L": 16}
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601-2, as PIL's convert("L")
@@ -33,8 +42,18 @@ class ImageData:
     meta: dict[str, object] = field(default_factory=dict)
 
 
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
 def is_image_file(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    return _suffix(path) in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def is_volume_file(path: Path) -> bool:
+    """Files whose slices become separate manifest rows (NIfTI volumes)."""
+    return _suffix(path) in NIFTI_SUFFIXES
 
 
 def _pil_to_gray(img: Image.Image) -> tuple[np.ndarray, int]:
@@ -95,8 +114,126 @@ def read_raster(path: Path, max_pixels: int = MAX_PIXELS) -> ImageData:
     return ImageData(pixels=pixels, meta=meta)
 
 
-def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> ImageData:
-    """Read one image file of a supported format. Raises ImageReadError naming the file."""
+def window(values: np.ndarray, width: float, level: float) -> np.ndarray:
+    """Map a (width, level) window of HU values onto [0, 1]."""
+    low = level - width / 2.0
+    return np.clip((values - low) / width, 0.0, 1.0).astype(np.float32)
+
+
+def patient_key(patient_id: str) -> str:
+    """A pseudonymous, stable patient key: salted SHA-256, never the ID itself."""
+    digest = hashlib.sha256(_PATIENT_KEY_SALT + patient_id.encode("utf-8")).hexdigest()
+    return f"pk-{digest[:16]}"
+
+
+def read_dicom(path: Path, frame: int | None = None, ct_window: tuple[float, float] = LUNG_WINDOW) -> ImageData:
+    """Read a DICOM image: modality LUT to HU, CT window or VOI LUT, MONOCHROME1 inverted.
+
+    Only technical fields go into the metadata; the patient becomes a salted
+    hash (`patient_key`), never a name, ID or birth date.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(path)
+        if "PixelData" not in ds:
+            raise ImageReadError(path, "DICOM file holds no pixel data")
+        raw = ds.pixel_array
+    except ImageReadError:
+        raise
+    except InvalidDicomError:
+        raise ImageReadError(path, "not a valid DICOM file") from None
+    except Exception as exc:  # pydicom raises many types for unsupported/corrupt pixel data
+        raise ImageReadError(path, f"cannot decode DICOM pixel data ({type(exc).__name__}: {exc})") from None
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if frames > 1:
+        if frame is None or not 0 <= frame < frames:
+            raise ImageReadError(path, f"multi-frame DICOM with {frames} frames needs a frame index in [0, {frames})")
+        raw = raw[frame]
+    if raw.ndim != 2:
+        raise ImageReadError(path, f"expected a 2-D grayscale DICOM image, got shape {raw.shape}")
+    modality = str(getattr(ds, "Modality", "") or "")
+    values = apply_modality_lut(raw, ds).astype(np.float32)
+    if modality == "CT":
+        pixels = window(values, *ct_window)
+    else:
+        if "VOILUTSequence" in ds or "WindowCenter" in ds:
+            values = apply_voi_lut(values, ds).astype(np.float32)
+        low, high = float(values.min()), float(values.max())
+        pixels = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
+        pixels = 1.0 - pixels
+    meta: dict[str, object] = {
+        "format": "DICOM",
+        "mode": str(getattr(ds, "PhotometricInterpretation", "")),
+        "width": int(raw.shape[1]),
+        "height": int(raw.shape[0]),
+        "bit_depth": int(getattr(ds, "BitsStored", 0) or 0),
+        "modality": modality,
+        "frames": frames,
+    }
+    if getattr(ds, "PatientID", ""):
+        meta["patient_key"] = patient_key(str(ds.PatientID))
+    return ImageData(pixels=pixels.astype(np.float32), meta=meta)
+
+
+def nifti_slice_count(path: str | Path) -> int:
+    """Number of axial slices of a NIfTI volume (reads the header only)."""
+    import nibabel as nib
+
+    try:
+        image = nib.as_closest_canonical(nib.load(str(path)))
+    except Exception as exc:
+        raise ImageReadError(path, f"not a readable NIfTI file ({exc})") from None
+    if len(image.shape) < 3:
+        return 1
+    return int(image.shape[2])
+
+
+def read_nifti(path: Path, frame: int | None, ct_window: tuple[float, float] = LUNG_WINDOW) -> ImageData:
+    """One axial slice of a NIfTI volume (canonical RAS orientation, slices along the last axis).
+
+    Values that look like HU (minimum below -500) get the CT window; others
+    are scaled by the volume's 0.5-99.5 percentiles.
+    """
+    import nibabel as nib
+
+    try:
+        image = nib.as_closest_canonical(nib.load(str(path)))
+        shape = image.shape
+        if len(shape) == 2:
+            volume = np.asarray(image.dataobj, np.float32)[..., None]
+        elif len(shape) in (3, 4):
+            volume = np.asarray(image.dataobj, np.float32)
+            volume = volume[..., 0] if volume.ndim == 4 else volume
+        else:
+            raise ImageReadError(path, f"unsupported NIfTI shape {shape}")
+    except ImageReadError:
+        raise
+    except Exception as exc:
+        raise ImageReadError(path, f"not a readable NIfTI file ({exc})") from None
+    slices = volume.shape[2]
+    index = 0 if frame is None and slices == 1 else frame
+    if index is None or not 0 <= index < slices:
+        raise ImageReadError(path, f"NIfTI volume with {slices} slices needs a slice index in [0, {slices})")
+    # Canonical RAS has x to the patient's right on axis 0; rotate so rows run anterior->posterior.
+    values = np.rot90(volume[:, :, index]).astype(np.float32)
+    if float(volume.min()) < -500:
+        pixels = window(values, *ct_window)
+    else:
+        low, high = np.percentile(volume, [0.5, 99.5])
+        pixels = np.clip((values - low) / (high - low), 0, 1) if high > low else np.zeros_like(values)
+    meta: dict[str, object] = {
+        "format": "NIfTI", "mode": str(volume.dtype), "width": int(values.shape[1]), "height": int(values.shape[0]),
+        "bit_depth": int(np.dtype(image.get_data_dtype()).itemsize * 8), "modality": "", "frames": slices,
+    }
+    return ImageData(pixels=pixels.astype(np.float32), meta=meta)
+
+
+def read_image(path: str | Path, frame: int | None = None, max_pixels: int = MAX_PIXELS) -> ImageData:
+    """Read one image (or one slice/frame of a volume). Raises ImageReadError naming the file."""
     path = Path(path)
     if not path.exists():
         raise ImageReadError(path, "file does not exist")
@@ -104,8 +241,13 @@ def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> ImageData:
         raise ImageReadError(path, "is a folder, not an image file")
     if path.stat().st_size == 0:
         raise ImageReadError(path, "file is empty (0 bytes)")
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise ImageReadError(path, f"unsupported file type {path.suffix!r}; expected one of {sorted(IMAGE_SUFFIXES)}")
+    suffix = _suffix(path)
+    if suffix not in IMAGE_SUFFIXES:
+        raise ImageReadError(path, f"unsupported file type {suffix!r}; expected one of {sorted(IMAGE_SUFFIXES)}")
+    if suffix in DICOM_SUFFIXES:
+        return read_dicom(path, frame)
+    if suffix in NIFTI_SUFFIXES:
+        return read_nifti(path, frame)
     return read_raster(path, max_pixels)
 
 
@@ -121,6 +263,6 @@ def resize_gray(pixels: np.ndarray, size: int) -> np.ndarray:
     return np.clip(np.round(np.asarray(img) * 255.0), 0, 255).astype(np.uint8)
 
 
-def load_resized(path: str | Path, size: int) -> np.ndarray:
+def load_resized(path: str | Path, size: int, frame: int | None = None) -> np.ndarray:
     """Read an image and return it as uint8 size x size: the training cache format."""
-    return resize_gray(read_image(path).pixels, size)
+    return resize_gray(read_image(path, frame).pixels, size)

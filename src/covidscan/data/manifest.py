@@ -1,7 +1,8 @@
 """The Manifest: one row per image, the object every stage reads and writes.
 
 Columns (required first): `path`, `label`, then `patient_id`, `group`,
-`source`, `split`, plus any stage-specific extras. Paths are absolute so a
+`source`, `split`, `slice_index` (the slice of a volume file; empty for 2-D
+images), plus any stage-specific extras. Paths are absolute so a
 manifest copied into a run folder still points at its images.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from covidscan import atomic
 from covidscan.errors import DataError
 
 REQUIRED_COLUMNS = ("path", "label")
-STANDARD_COLUMNS = ("path", "label", "patient_id", "group", "source", "split")
+STANDARD_COLUMNS = ("path", "label", "patient_id", "group", "source", "split", "slice_index")
 SPLITS = ("train", "val", "test")
 
 
@@ -67,3 +68,9 @@ def load_manifest(path: str | Path) -> pd.DataFrame:
 def class_names(frame: pd.DataFrame) -> list[str]:
     """The label set of a manifest, in a stable order (sorted)."""
     return sorted(frame["label"].astype(str).unique())
+
+
+def image_refs(frame: pd.DataFrame) -> list[tuple[str, int | None]]:
+    """(path, slice index or None) per row: what `read_image` needs."""
+    slices = frame["slice_index"].astype(str) if "slice_index" in frame.columns else pd.Series([""] * len(frame))
+    return [(str(p), int(float(s)) if s not in ("", "nan") else None) for p, s in zip(frame["path"], slices)]

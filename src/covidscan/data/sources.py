@@ -1,8 +1,10 @@
-"""Turn image folders into a Manifest.
+"""Turn image folders and CSV lists into a Manifest.
 
 Layouts: `ROOT/<class>/<image>` and `ROOT/<class>/<patient>/<image>` (any
-depth below the patient folder). Class folder names map onto a label set
-case-insensitively, ignoring punctuation ("CT_COVID", "covid-19" -> COVID).
+depth below the patient folder), or a CSV with `path,label[,patient_id]`.
+Class names map onto a label set case-insensitively, ignoring punctuation
+("CT_COVID", "covid-19" -> COVID). NIfTI volumes and multi-frame DICOM
+files become one row per slice.
 """
 from __future__ import annotations
 
@@ -12,9 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from covidscan.data.io import is_image_file
+from covidscan.data.io import DICOM_SUFFIXES, is_image_file, is_volume_file, nifti_slice_count, patient_key
 from covidscan.data.manifest import new_manifest
-from covidscan.errors import DataError
+from covidscan.errors import DataError, ImageReadError
 
 _BINARY_ALIASES: dict[str, tuple[str, ...]] = {
     "COVID": ("covid", "covid19", "ctcovid", "covidpositive", "positive", "sarscov2", "covid19pneumonia"),
@@ -69,11 +71,47 @@ class LabelSet:
         return None
 
 
+def _dicom_header(path: Path) -> tuple[int, str]:
+    """(frames, pseudonymous patient key) from a DICOM header, without pixel data."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as exc:
+        raise ImageReadError(path, f"not a valid DICOM file ({exc})") from None
+    pid = str(getattr(ds, "PatientID", "") or "")
+    return int(getattr(ds, "NumberOfFrames", 1) or 1), patient_key(pid) if pid else ""
+
+
+def image_rows(path: Path, label: str, patient_id: str, source: str) -> list[dict[str, object]]:
+    """Manifest rows for one file: one per slice for volumes, else one."""
+    base: dict[str, object] = {"path": str(path), "label": label, "patient_id": patient_id, "source": source}
+    slices = 1
+    if is_volume_file(path):
+        slices = nifti_slice_count(path)
+    elif path.suffix.lower() in DICOM_SUFFIXES:
+        slices, key = _dicom_header(path)
+        if not patient_id and key:
+            base["patient_id"] = key
+    if slices == 1 and not is_volume_file(path):
+        return [base]
+    return [{**base, "slice_index": i} for i in range(slices)]
+
+
+def require_two_classes(frame: pd.DataFrame, where: str | Path) -> pd.DataFrame:
+    found = sorted(frame["label"].unique())
+    if len(found) < 2:
+        raise DataError(where, f"only one class ({found[0]}) found; a classifier needs at least two classes")
+    return frame
+
+
 def _class_folders(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def index_folder(root: str | Path, labels: LabelSet | str = "binary", source: str | None = None) -> pd.DataFrame:
+def index_folder(
+    root: str | Path, labels: LabelSet | str | None = "binary", source: str | None = None, single_class_ok: bool = False
+) -> pd.DataFrame:
     """Index `root/<class>/[<patient>/]<image>` into a manifest.
 
     `labels` is a LabelSet or its spec ('binary', 'auto' = folder names,
@@ -98,14 +136,7 @@ def index_folder(root: str | Path, labels: LabelSet | str = "binary", source: st
             continue
         for image in images:
             parts = image.relative_to(folder).parts
-            rows.append(
-                {
-                    "path": str(image),
-                    "label": label,
-                    "patient_id": parts[0] if len(parts) > 1 else "",
-                    "source": source or root.name,
-                }
-            )
+            rows.extend(image_rows(image, label, parts[0] if len(parts) > 1 else "", source or root.name))
     if unmapped and labels is not None:
         raise DataError(
             root,
@@ -113,9 +144,44 @@ def index_folder(root: str | Path, labels: LabelSet | str = "binary", source: st
             "declare them with --labels (e.g. --labels 'COVID=covid;non-COVID=normal,pneumonia') or use --labels auto",
         )
     if not rows:
-        raise DataError(root, "no images found; expected ROOT/<class>/<image> or ROOT/<class>/<patient>/<image> (PNG/JPEG)")
+        raise DataError(root, "no images found; expected ROOT/<class>/<image> or ROOT/<class>/<patient>/<image> (PNG/JPEG/DICOM/NIfTI)")
     frame = new_manifest(rows)
-    found = sorted(frame["label"].unique())
-    if len(found) < 2:
-        raise DataError(root, f"only one class ({found[0]}) found; a classifier needs at least two class folders")
-    return frame
+    return frame if single_class_ok else require_two_classes(frame, root)
+
+
+def map_labels(values: pd.Series, labels: LabelSet | None, where: str | Path) -> pd.Series:
+    """Map raw class names onto the label set; unmapped names are an error listing them."""
+    if labels is None:
+        return values.astype(str)
+    mapped = values.astype(str).map(labels.lookup)
+    unmapped = sorted(values[mapped.isna()].astype(str).unique())
+    if unmapped:
+        raise DataError(where, f"label(s) {unmapped[:10]} match no class of {list(labels.classes)}; declare them with --labels")
+    return mapped
+
+
+def index_csv(path: str | Path, labels: LabelSet | str | None = "binary", source: str | None = None) -> pd.DataFrame:
+    """Index a CSV with columns path,label[,patient_id]; relative paths are relative to the CSV."""
+    if isinstance(labels, str):
+        labels = LabelSet.parse(labels)
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise DataError(path, "CSV file does not exist")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"not a readable CSV ({exc})") from None
+    table.columns = [c.strip().lower() for c in table.columns]
+    if not {"path", "label"} <= set(table.columns):
+        raise DataError(path, f"CSV needs columns path,label[,patient_id]; it has {list(table.columns)}")
+    rows: list[dict[str, object]] = []
+    table["label"] = map_labels(table["label"], labels, path)
+    for record in table.to_dict("records"):
+        image = Path(record["path"])
+        image = image if image.is_absolute() else (path.parent / image).resolve()
+        if not image.is_file():
+            raise DataError(path, f"listed image {image} does not exist")
+        rows.extend(image_rows(image, record["label"], str(record.get("patient_id", "")).strip(), source or path.stem))
+    if not rows:
+        raise DataError(path, "CSV lists no images")
+    return require_two_classes(new_manifest(rows), path)

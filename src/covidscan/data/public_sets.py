@@ -1,0 +1,232 @@
+"""Loaders for known public COVID-19 data sets, each aware of its quirks.
+
+- sarscov2-ct (Soares 2020): COVID/ and non-COVID/ folders, no patient IDs.
+- ucsd-covid-ct (Yang 2020): CT_COVID/, CT_NonCOVID/, official split lists
+  (CRLF), metadata whose file names may lack the extension and whose
+  patient IDs are only unique within a source paper.
+- ieee8023 (Cohen 2020): metadata CSV with finding, patientid, view.
+- kermany-normal: a folder of normal (paediatric) X-rays, patient IM-XXXX.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from covidscan.data.io import is_image_file
+from covidscan.data.manifest import new_manifest
+from covidscan.data.sources import LabelSet, image_rows, index_csv, index_folder, map_labels, require_two_classes
+from covidscan.errors import DataError
+
+Loader = Callable[[Path, LabelSet | None], pd.DataFrame]
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+
+
+# --- SARS-CoV-2 CT-scan -----------------------------------------------------
+def load_sarscov2_ct(root: Path, labels: LabelSet | None) -> pd.DataFrame:
+    """Class folders without patient IDs: split by similarity cluster, not by patient."""
+    frame = index_folder(root, labels if labels is not None else "auto", source="sarscov2-ct", single_class_ok=True)
+    frame["modality"] = "CT"
+    return frame
+
+
+# --- UCSD COVID-CT ----------------------------------------------------------
+_PAPER = re.compile(r"^(?P<paper>.+?)-p\d+")
+
+
+def _paper_of(file_name: str) -> str:
+    """The source-paper key of a COVID-CT file name ('2020.02.25.20021568-p23-108%11.png')."""
+    match = _PAPER.match(file_name)
+    return match.group("paper") if match else Path(file_name).stem
+
+
+def _figure_of(file_name: str) -> str:
+    """Fallback patient key: the paper and figure ('2020.02.25.20021568-p23-108')."""
+    stem = Path(file_name).stem
+    return re.split(r"[%_]", stem)[0]
+
+
+def _read_split_lists(root: Path) -> dict[str, str]:
+    """file name -> official split ('train', 'val', 'test') from Data-split/*/*.txt (CRLF-safe)."""
+    official: dict[str, str] = {}
+    split_root = root / "Data-split"
+    if not split_root.is_dir():
+        return official
+    for txt in sorted(split_root.rglob("*.txt")):
+        name = txt.name.lower()
+        part = "train" if name.startswith("train") else "val" if name.startswith("val") else "test" if name.startswith("test") else ""
+        if not part:
+            continue
+        for line in txt.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.strip():
+                official[line.strip()] = part
+    return official
+
+
+def _covid_patients(root: Path) -> dict[str, str]:
+    """file name (with and without extension) -> 'paper/Patient N' from the xlsx metadata."""
+    meta_path = root / "Meta" / "COVID-CT-MetaInfo.xlsx"
+    if not meta_path.is_file():
+        return {}
+    try:
+        meta = pd.read_excel(meta_path, dtype=str)
+    except Exception as exc:
+        raise DataError(meta_path, f"cannot read metadata ({exc})") from None
+    mapping: dict[str, str] = {}
+    for name, pid in zip(meta["File name"].fillna(""), meta["Patient ID"].fillna("")):
+        name, pid = name.strip(), pid.strip()
+        if name and pid:
+            key = f"{_paper_of(name)}/{pid}"
+            mapping[name] = key
+            mapping[Path(name).stem if Path(name).suffix.lower() in (".png", ".jpg", ".jpeg") else name] = key
+    return mapping
+
+
+def _noncovid_patients(root: Path) -> dict[str, str]:
+    meta_path = root / "Meta" / "NonCOVID-CT-MetaInfo.csv"
+    if not meta_path.is_file():
+        return {}
+    meta = pd.read_csv(meta_path, dtype=str, keep_default_na=False)
+    return {str(n).strip(): f"noncovid/{str(p).strip()}" for n, p in zip(meta["image name"], meta["patient id"]) if str(p).strip()}
+
+
+def load_ucsd_covid_ct(root: Path, labels: LabelSet | None) -> pd.DataFrame:
+    official = _read_split_lists(root)
+    patients = {"CT_COVID": _covid_patients(root), "CT_NonCOVID": _noncovid_patients(root)}
+    rows: list[dict[str, object]] = []
+    for folder_name, raw_label in (("CT_COVID", "COVID"), ("CT_NonCOVID", "non-COVID")):
+        folder = root / folder_name
+        if not folder.is_dir():
+            continue
+        for image in _images(folder):
+            mapping = patients[folder_name]
+            pid = mapping.get(image.name) or mapping.get(image.stem)
+            if not pid:  # not in the metadata: one figure of one paper is the best guess of a patient
+                pid = f"{'figure' if folder_name == 'CT_COVID' else 'noncovid-file'}/{_figure_of(image.name)}"
+            for row in image_rows(image, raw_label, pid, "ucsd-covid-ct"):
+                row["official_split"] = official.get(image.name, "")
+                row["modality"] = "CT"
+                rows.append(row)
+    if not rows:
+        raise DataError(root, "no images under CT_COVID/ or CT_NonCOVID/")
+    frame = new_manifest(rows)
+    frame["label"] = map_labels(frame["label"], labels, root)
+    return frame
+
+
+# --- COVID-19 image data collection (ieee8023) -----------------------------
+def _finding_class(finding: str) -> str:
+    """Collapse the collection's findings to COVID / normal / pneumonia ('' = unlabelled)."""
+    text = finding.strip().lower()
+    if not text or text in ("todo", "unknown"):
+        return ""
+    if "covid" in text:
+        return "COVID"
+    if text == "no finding":
+        return "normal"
+    return "pneumonia"
+
+
+def load_ieee8023(root: Path, labels: LabelSet | None) -> pd.DataFrame:
+    """Reads index.csv (file, finding, patientid, view) or the collection's metadata.csv."""
+    table_path = root / "index.csv" if (root / "index.csv").is_file() else root / "metadata.csv"
+    if not table_path.is_file():
+        raise DataError(root, "no index.csv or metadata.csv with finding/patientid columns")
+    table = pd.read_csv(table_path, dtype=str, keep_default_na=False)
+    file_column = "file" if "file" in table.columns else "filename"
+    missing = {file_column, "finding", "patientid"} - set(table.columns)
+    if missing:
+        raise DataError(table_path, f"missing column(s) {sorted(missing)}")
+    rows: list[dict[str, object]] = []
+    for record in table.to_dict("records"):
+        finding = _finding_class(record["finding"])
+        if not finding:
+            continue  # unlabelled ('todo'): counted by the audit through the table, not trained on
+        name = record[file_column]
+        image = root / name if (root / name).is_file() else root / "images" / name
+        if not image.is_file():
+            continue
+        for row in image_rows(image, finding, f"ieee8023/{record['patientid']}", "ieee8023"):
+            row.update(modality="CXR", view=record.get("view", ""), finding=record["finding"])
+            rows.append(row)
+    if not rows:
+        raise DataError(root, "no labelled images found")
+    frame = new_manifest(rows)
+    frame["label"] = map_labels(frame["label"], labels, root)
+    return frame
+
+
+# --- Kermany normal X-rays -------------------------------------------------
+_KERMANY = re.compile(r"^(?:NORMAL\d*-)?(IM-\d+)-\d+", re.IGNORECASE)
+
+
+def load_kermany_normal(root: Path, labels: LabelSet | None) -> pd.DataFrame:
+    """A single-class folder of normal (paediatric) X-rays; patient = the IM-XXXX part."""
+    rows: list[dict[str, object]] = []
+    for image in _images(root):
+        match = _KERMANY.match(image.name)
+        pid = f"kermany/{match.group(1) if match else image.stem}"
+        for row in image_rows(image, "normal", pid, "kermany-normal"):
+            row["modality"] = "CXR"
+            rows.append(row)
+    if not rows:
+        raise DataError(root, "no images found")
+    frame = new_manifest(rows)
+    frame["label"] = map_labels(frame["label"], labels, root)
+    return frame
+
+
+LOADERS: dict[str, Loader] = {
+    "sarscov2-ct": load_sarscov2_ct,
+    "ucsd-covid-ct": load_ucsd_covid_ct,
+    "ieee8023": load_ieee8023,
+    "kermany-normal": load_kermany_normal,
+}
+KINDS = ("auto", "folder", "csv", *LOADERS)
+
+
+def detect_kind(root: Path) -> str:
+    """Guess a source's kind from its layout."""
+    if root.is_file():
+        return "csv"
+    if (root / "CT_COVID").is_dir() and (root / "CT_NonCOVID").is_dir():
+        return "ucsd-covid-ct"
+    if (root / "index.csv").is_file() or ((root / "metadata.csv").is_file() and (root / "images").is_dir()):
+        return "ieee8023"
+    if (root / "COVID").is_dir() and (root / "non-COVID").is_dir() and not any(p.is_dir() for p in (root / "COVID").iterdir()):
+        return "sarscov2-ct"
+    files = _images(root) if root.is_dir() else []
+    if files and sum(bool(_KERMANY.match(f.name)) for f in files) > 0.9 * len(files):
+        return "kermany-normal"
+    return "folder"
+
+
+def index_source(root: str | Path, kind: str = "auto", labels: LabelSet | str | None = "binary") -> pd.DataFrame:
+    """Index one source (any kind) into a manifest; single-class sources are allowed here."""
+    if isinstance(labels, str):
+        labels = LabelSet.parse(labels)
+    root = Path(root).expanduser().resolve()
+    if not root.exists():
+        raise DataError(root, "data folder does not exist")
+    if kind not in KINDS:
+        raise DataError(root, f"unknown source kind {kind!r}; choose one of {list(KINDS)}")
+    kind = detect_kind(root) if kind == "auto" else kind
+    if kind == "csv":
+        return index_csv(root, labels)
+    if kind == "folder":
+        return index_folder(root, labels, single_class_ok=True)
+    return LOADERS[kind](root, labels)
+
+
+def index_sources(roots: list[str | Path], kind: str = "auto", labels: LabelSet | str | None = "binary") -> pd.DataFrame:
+    """Index several sources into one manifest: they must hold at least two classes together."""
+    if not roots:
+        raise DataError("data index", "give at least one data folder or CSV")
+    frames = [index_source(root, kind, labels) for root in roots]
+    frame = new_manifest(pd.concat(frames, ignore_index=True).to_dict("records"))
+    return require_two_classes(frame, ", ".join(str(r) for r in roots))
