@@ -69,3 +69,18 @@ def test_train_refuses_to_overwrite_a_run(tmp_path: Path) -> None:
 def test_bad_manifest(tmp_path: Path, content: str) -> None:
     (tmp_path / "m.csv").write_text(content)
     _assert_clean_error(_run("split", str(tmp_path / "m.csv"), "-o", str(tmp_path / "o.csv")), "m.csv")
+
+
+def test_audit_command_writes_reports_and_drops_on_request(tmp_path: Path) -> None:
+    from covidscan.data.phantom import PhantomSpec, generate_phantom_dataset
+
+    data = generate_phantom_dataset(tmp_path / "data", PhantomSpec(patients_per_class=3, slices_per_patient=2, image_size=48))
+    (data / "COVID" / "cov-patient-000" / "slice-00.png").write_bytes(b"not a png")
+    assert _run("data", "index", str(data), "-o", str(tmp_path / "m.csv")).returncode == 0
+    result = _run("audit", str(tmp_path / "m.csv"), "-o", str(tmp_path / "audit"), "--drop", "corrupt", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "dropped 1 images" in result.stdout
+    for name in ("audit.json", "audit.html", "manifest.audited.csv", "clean_manifest.csv"):
+        assert (tmp_path / "audit" / name).is_file()
+    assert len((tmp_path / "audit" / "clean_manifest.csv").read_text().splitlines()) == 1 + 12 - 1
+    _assert_clean_error(_run("audit", str(tmp_path / "m.csv"), "-o", str(tmp_path / "a2"), "--drop", "kittens", "--quiet"), "kittens")

@@ -62,6 +62,20 @@ def data_index(
     _log(f"indexed {len(frame)} images {counts}; {patients} with a patient ID -> {out}")
 
 
+@data_app.command("download")
+def data_download(
+    name: Annotated[str, typer.Argument(help="sarscov2-ct (Kaggle API), ucsd-covid-ct or ieee8023.")],
+    dest: Annotated[Path, typer.Option(help="Folder to download and extract into.")] = Path("data"),
+    url: Annotated[Optional[str], typer.Option(help="Another archive URL (zip) to fetch instead.")] = None,
+) -> None:
+    """Fetch a public data set from its original source (needs network; checksums verified or recorded)."""
+    from covidscan.data.download import REMOTE_SETS, download
+
+    folder = download(name, dest, url)
+    citation = REMOTE_SETS[name].citation if name in REMOTE_SETS else ""
+    _log(f"extracted {name} -> {folder}" + (f"\ncite: {citation}" if citation else ""))
+
+
 @app.command("audit")
 def audit_command(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV (from `covidscan data index`).")],
