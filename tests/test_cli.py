@@ -84,3 +84,22 @@ def test_audit_command_writes_reports_and_drops_on_request(tmp_path: Path) -> No
         assert (tmp_path / "audit" / name).is_file()
     assert len((tmp_path / "audit" / "clean_manifest.csv").read_text().splitlines()) == 1 + 12 - 1
     _assert_clean_error(_run("audit", str(tmp_path / "m.csv"), "-o", str(tmp_path / "a2"), "--drop", "kittens", "--quiet"), "kittens")
+
+
+def test_split_command_reports_leakage_for_patient_and_random(tmp_path: Path) -> None:
+    import json
+
+    from covidscan.data.phantom import PhantomSpec, generate_phantom_dataset
+
+    data = generate_phantom_dataset(tmp_path / "data", PhantomSpec(patients_per_class=5, slices_per_patient=3, image_size=48))
+    assert _run("data", "index", str(data), "-o", str(tmp_path / "m.csv")).returncode == 0
+    result = _run("split", str(tmp_path / "m.csv"), "-o", str(tmp_path / "s.csv"), "--quiet", "--test-size", "0.2", "--val-size", "0.2")
+    assert result.returncode == 0, result.stderr
+    assert "split by patient" in result.stdout and "leakage (test)" in result.stdout
+    report = json.loads((tmp_path / "s.split.json").read_text())
+    assert set(report["group_ids"]["test"]).isdisjoint(report["group_ids"]["train"])
+    random = _run("split", str(tmp_path / "m.csv"), "-o", str(tmp_path / "r.csv"), "--by", "random", "--quiet",
+                  "--embeddings", str(tmp_path / "s.embeddings.npz"))
+    assert random.returncode == 0 and "warning" in random.stdout and "demonstrate leakage" in random.stdout
+    _assert_clean_error(_run("split", str(tmp_path / "m.csv"), "-o", str(tmp_path / "x.csv"), "--by", "sideways", "--quiet",
+                             "--embeddings", str(tmp_path / "s.embeddings.npz")), "sideways")

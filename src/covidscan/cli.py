@@ -112,19 +112,39 @@ def audit_command(
 @app.command("split")
 def split_command(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Manifest CSV to write, with group and split columns.")],
-    test_size: Annotated[float, typer.Option(help="Share of patients held out for testing.")] = 0.2,
-    val_size: Annotated[float, typer.Option(help="Share of patients for validation (model selection).")] = 0.2,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Manifest CSV to write, with group and split (or fold) columns.")],
+    by: Annotated[str, typer.Option(help="patient (needs IDs), cluster (image-similarity groups; default without IDs) or random (leaky, demo only).")] = "auto",
+    test_size: Annotated[float, typer.Option(help="Share held out for testing.")] = 0.2,
+    val_size: Annotated[float, typer.Option(help="Share for validation (model selection).")] = 0.2,
+    folds: Annotated[int, typer.Option(help="Write K cross-validation folds (column 'fold') instead of train/val/test.")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    groups: Annotated[Optional[int], typer.Option(help="Cluster split: number of similarity groups (default 2*sqrt(N)).")] = None,
+    threshold: Annotated[float, typer.Option(help="Cosine similarity at which two images count as near duplicates.")] = 0.92,
+    embeddings: Annotated[Optional[Path], typer.Option(help="Cache file (.npz) for image embeddings; reused when it matches.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
-    """Split by patient (stratified, grouped, seeded) into train/val/test."""
+    """Split without leakage (by patient or similarity cluster) and report the split's leakage figure."""
+    from covidscan import atomic
     from covidscan.data.manifest import load_manifest, save_manifest
-    from covidscan.data.split import split_by_patient
+    from covidscan.data.split import split_manifest
+    from covidscan.models.embed import manifest_embeddings
 
-    frame = split_by_patient(load_manifest(manifest), test_size, val_size, seed, str(manifest))
-    save_manifest(frame, out)
-    summary = frame.groupby("split").agg(images=("path", "size"), patients=("group", "nunique"))
-    _log(f"split by patient -> {out}\n{summary.to_string()}")
+    frame = load_manifest(manifest)
+    if by == "auto":
+        by = "patient" if (frame["patient_id"].astype(str).str.strip() != "").all() else "cluster"
+    vectors = manifest_embeddings(frame, embeddings or out.with_suffix(".embeddings.npz"), show=not quiet)
+    result, report = split_manifest(frame, by, vectors, test_size, val_size, seed, folds, groups, threshold, str(manifest))
+    save_manifest(result, out)
+    atomic.write_json(out.with_suffix(".split.json"), report)
+    if report["warning"]:
+        console.print(f"[bold red]warning:[/bold red] {report['warning']}")
+    _log(f"split by {by}: {report['groups']} groups -> {out} (+ {out.with_suffix('.split.json').name})")
+    leaks = report.get("leakage_per_fold") or [report["leakage_test"]]
+    for k, leak in enumerate(leaks):  # type: ignore[arg-type]
+        name = f"fold {k}" if folds else "test"
+        flag = "  [bold red]LEAKY SPLIT[/bold red]" if leak["flagged"] else ""
+        _log(f"leakage ({name}): {leak['near_duplicates']}/{leak['test_images']} held-out images ({leak['share']:.1%}) have a near duplicate "
+             f"(cosine >= {threshold}) in train; median nearest-neighbour similarity {leak['median_nn_similarity']:.3f}{flag}")
 
 
 @app.command("train")

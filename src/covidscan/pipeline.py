@@ -18,12 +18,13 @@ from covidscan import DISCLAIMER, __version__, atomic
 from covidscan.config import RunConfig, save_config
 from covidscan.data.io import load_resized
 from covidscan.data.manifest import class_names, image_refs, save_manifest
-from covidscan.data.split import split_by_patient
+from covidscan.data.split import leakage_report, split_manifest
 from covidscan.data.transforms import Normaliser
-from covidscan.errors import CovidscanError, DataError
+from covidscan.errors import DataError
 from covidscan.evaluate.metrics import binary_metrics
 from covidscan.evaluate.report import write_report
 from covidscan.models.classifier import CovidClassifier
+from covidscan.models.embed import manifest_embeddings
 from covidscan.models.registry import get_backbone
 from covidscan.progress import track
 from covidscan.seed import seed_everything
@@ -50,13 +51,20 @@ def ordered_classes(frame: pd.DataFrame, positive: str) -> list[str]:
     return classes
 
 
-def assign_splits(frame: pd.DataFrame, config: RunConfig, where: str) -> pd.DataFrame:
-    """Keep an existing split column; otherwise split by patient as configured."""
+def assign_splits(frame: pd.DataFrame, config: RunConfig, where: str, show: bool = True) -> tuple[pd.DataFrame, dict[str, object]]:
+    """Keep an existing split column, else split as configured; measure the leakage figure either way."""
+    embeddings = manifest_embeddings(frame, show=show)
     if "split" in frame.columns and set(frame["split"].astype(str)) >= {"train", "val", "test"}:
-        return frame
-    if config.split.by != "patient":
-        raise CovidscanError(f"split.by={config.split.by!r} is not available yet; split by patient")
-    return split_by_patient(frame, config.split.test_size, config.split.val_size, config.split.seed, where)
+        split = frame["split"].astype(str).to_numpy()
+        train = np.flatnonzero(split == "train")
+        report: dict[str, object] = {
+            "by": "given in the manifest", "seed": "", "warning": "",
+            "leakage_test": leakage_report(embeddings, np.flatnonzero(split == "test"), train),
+        }
+        report["flagged"] = report["leakage_test"]["flagged"]  # type: ignore[index]
+        return frame, report
+    s = config.split
+    return split_manifest(frame, s.by, embeddings, s.test_size, s.val_size, s.seed, where=where)
 
 
 def train_run(
@@ -66,14 +74,23 @@ def train_run(
     resume: bool = False,
     show_progress: bool = True,
     log: Callable[[str], None] = print,
+    split_report: dict[str, object] | None = None,
 ) -> dict[str, object]:
-    """Split (if needed), train, evaluate on the held-out test patients, write the run folder."""
+    """Split (if needed), train, evaluate on the held-out test patients, write the run folder.
+
+    `split_report` (from `split_manifest`) skips re-measuring a split made just before.
+    """
     run_dir = Path(run_dir)
     started = time.perf_counter()
     seed_everything(config.train.seed, config.train.deterministic)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    frame = assign_splits(frame, config, str(run_dir / "manifest.csv"))
+    if split_report is None:
+        frame, split_report = assign_splits(frame, config, str(run_dir / "manifest.csv"), show_progress)
+    leak = split_report["leakage_test"]
+    assert isinstance(leak, dict)
+    log(f"split by {split_report['by']}: leakage figure {leak['near_duplicates']}/{leak['test_images']} test images "
+        f"({leak['share']:.1%}) with a near duplicate in train" + ("  LEAKY SPLIT" if leak["flagged"] else ""))
     classes = ordered_classes(frame, config.data.positive_class)
     if len(classes) < 2:
         raise DataError(run_dir, f"need at least two classes, found {classes}")
@@ -93,7 +110,7 @@ def train_run(
         parts[split] = TensorData(torch.from_numpy(images), torch.from_numpy(labels))
     log(
         "images: " + ", ".join(f"{k} {len(v)}" for k, v in parts.items())
-        + f" | patients: " + ", ".join(f"{k} {frame.loc[frame['split'] == k, 'group'].nunique()}" for k in parts)
+        + " | groups: " + ", ".join(f"{k} {frame.loc[frame['split'] == k, 'group'].nunique()}" for k in parts)
     )
 
     device = resolve_device(config.train.device)
@@ -114,7 +131,12 @@ def train_run(
         "decision_support": DISCLAIMER,
         "classes": classes,
         "positive_class": classes[positive],
-        "split": {"by": config.split.by, "seed": config.split.seed, "counts": {k: len(v) for k, v in parts.items()}},
+        "split": {
+            "by": split_report["by"], "seed": split_report["seed"], "warning": split_report["warning"],
+            "counts": {k: len(v) for k, v in parts.items()},
+            "groups": {k: int(frame.loc[frame["split"] == k, "group"].astype(str).nunique()) for k in parts},
+            "leakage_test": split_report["leakage_test"],
+        },
         "test": binary_metrics(labels == positive, probs[:, positive]) if len(classes) == 2 else {
             "n": int(len(labels)), "accuracy": float((probs.argmax(1) == labels).mean())
         },

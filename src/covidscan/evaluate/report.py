@@ -53,6 +53,21 @@ def _curve_svg(history: list[dict[str, float]]) -> str:
     )
 
 
+def _leakage_html(split: dict[str, object]) -> str:
+    leak = split.get("leakage_test")
+    if not isinstance(leak, dict):
+        return ""
+    css = "warn" if leak["flagged"] or split.get("warning") else "note"
+    verdict = "LEAKY SPLIT: test figures overstate performance on new patients." if leak["flagged"] else "No sign of leakage at this threshold."
+    return (
+        f'<p class="{css}"><strong>Leakage figure:</strong> {leak["near_duplicates"]} of {leak["test_images"]} test images '
+        f'({leak["share"]:.1%}) have a near duplicate (cosine similarity ≥ {leak.get("threshold", 0.92)} of ImageNet features) '
+        f'in the training part; median nearest-neighbour similarity test→train {leak["median_nn_similarity"]:.3f}. {verdict}'
+        + (f" {html.escape(str(split['warning']))}" if split.get("warning") else "")
+        + "</p>"
+    )
+
+
 def write_report(path: str | Path, metrics: dict[str, object], history: list[dict[str, float]], config: RunConfig) -> Path:
     test = metrics["test"]
     assert isinstance(test, dict)
@@ -90,9 +105,10 @@ Figures below are measured on held-out patients of <em>this</em> data set only; 
 <tr><td>Transfer mode</td><td>{html.escape(config.model.transfer)}</td></tr>
 <tr><td>Input size</td><td>{config.data.image_size or 'backbone default'} px</td></tr>
 <tr><td>Classes</td><td>{html.escape(', '.join(classes))}</td></tr></table>
-<h2>Split</h2><p>By <strong>{html.escape(str(split['by']))}</strong> (seed {split['seed']}): no patient appears in more than one part.
+<h2>Split</h2><p>By <strong>{html.escape(str(split['by']))}</strong> (seed {split['seed']}): no group (patient or similarity cluster) appears in more than one part.
 Images: train {counts.get('train')}, validation {counts.get('val')}, test {counts.get('test')}.
 Model selection and early stopping used the validation part only.</p>
+{_leakage_html(split)}
 <h2>Test metrics (positive class: {html.escape(positive)}, threshold 0.5)</h2>
 <table><tr><th>Metric</th><th>Value</th></tr>{rows}<tr><td>Images</td><td>{test['n']}</td></tr></table>
 {confusion}
