@@ -59,3 +59,15 @@ def test_predict_cli_prints_probabilities_and_disclaimer(tiny_run: Path, tiny_ph
         capture_output=True, text=True, check=True,
     ).stdout
     assert "P(COVID)=" in out and "P(non-COVID)=" in out and "not a diagnosis" in out
+
+
+def test_cross_validation_runs_every_fold_and_aggregates(tiny_phantom: Path, tmp_path: Path) -> None:
+    from covidscan.pipeline import cross_validate
+
+    config = load_config(None, ["data.image_size=48", "train.epochs=1", "train.head_epochs=1", "train.batch_size=16"])
+    summary = cross_validate(index_folder(tiny_phantom), config, tmp_path, folds=3, show_progress=False, log=lambda m: None)
+    assert summary["folds"] == 3 and len(summary["per_fold"]) == 3
+    aucs = [fold["auc"] for fold in summary["per_fold"]]
+    assert summary["auc"]["mean"] == pytest.approx(sum(aucs) / 3)
+    assert sum(fold["n"] for fold in summary["per_fold"]) == 48  # every image tested exactly once
+    assert json.loads((tmp_path / "cv.json").read_text())["folds"] == 3

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from skimage import data
@@ -10,8 +11,9 @@ from covidscan.models.classifier import build_imagenet_model
 from covidscan.models.registry import get_backbone
 
 
-def test_packaged_lite0_weights_see_a_cat() -> None:
-    spec = get_backbone("efficientnet_lite0")
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_packaged_lite_weights_see_a_cat(name: str) -> None:
+    spec = get_backbone(name)
     model, source = build_imagenet_model(spec, "imagenet")
     assert source.startswith("packaged:")
     model.eval()
@@ -22,7 +24,7 @@ def test_packaged_lite0_weights_see_a_cat() -> None:
         probs = model(x).softmax(1)[0]
     top = int(probs.argmax())
     assert 281 <= top <= 285, f"chelsea classified as ImageNet class {top}"
-    assert float(probs[281:286].sum()) > 0.8  # the cat classes together are confident
+    assert float(probs[281:286].sum()) > 0.6  # the cat classes together are confident (random weights: ~0.005)
 
 
 def test_random_weights_do_not_see_a_cat_confidently() -> None:
@@ -35,4 +37,4 @@ def test_random_weights_do_not_see_a_cat_confidently() -> None:
     x = torch.from_numpy(np.asarray(Image.fromarray(data.chelsea()).resize((224, 224)), np.float32) / 255.0).permute(2, 0, 1)[None]
     with torch.no_grad():
         probs = model(x).softmax(1)[0]
-    assert float(probs[281:286].sum()) < 0.5
+    assert float(probs[281:286].sum()) < 0.1

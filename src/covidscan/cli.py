@@ -179,6 +179,27 @@ def train_command(
     _print_summary(metrics, run_dir)
 
 
+@app.command("cv")
+def cv_command(
+    manifest: Annotated[Path, typer.Argument(help="Manifest CSV (with a 'fold' column, or folds are made as configured).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for one run per fold and cv.json.")],
+    folds: Annotated[int, typer.Option(help="Number of folds when the manifest has none.")] = 5,
+    config: Annotated[Optional[Path], typer.Option(help="YAML config.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override, e.g. --set train.epochs=5 (repeatable).")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """K-fold cross-validation over group folds; reports mean ± SD of the test metrics."""
+    from covidscan.config import load_config
+    from covidscan.data.manifest import load_manifest
+    from covidscan.pipeline import CV_METRICS, cross_validate
+
+    if out.exists() and any(out.iterdir()):
+        raise CovidscanError(f"{out}: folder exists and is not empty; choose another --out")
+    summary = cross_validate(load_manifest(manifest), load_config(config, set_), out, folds, not quiet, _log)
+    shown = ", ".join(f"{k} {summary[k]['mean']:.3f} ± {summary[k]['sd']:.3f}" for k in CV_METRICS)  # type: ignore[index]
+    _log(f"{summary['folds']}-fold CV (mean ± SD over folds): {shown}\n-> {out / 'cv.json'}")
+
+
 def _print_summary(metrics: dict[str, object], run_dir: Path) -> None:
     test = metrics["test"]
     assert isinstance(test, dict)

@@ -177,3 +177,46 @@ def publish_run_dir(staging: Path, final: Path) -> Path:
     if old.exists():
         shutil.rmtree(old)
     return final
+
+
+CV_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "auc")
+
+
+def cross_validate(
+    frame: pd.DataFrame,
+    config: RunConfig,
+    run_dir: str | Path,
+    folds: int = 5,
+    show_progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, object]:
+    """K-fold CV over group folds: fold k is the test part, fold k+1 the validation part.
+
+    Folds come from the manifest's `fold` column, or are made with the
+    configured split method. Returns (and writes cv.json with) mean ± SD.
+    """
+    run_dir = Path(run_dir)
+    embeddings = manifest_embeddings(frame, run_dir / "embeddings.npz", show=show_progress)
+    if "fold" not in frame.columns or (frame["fold"].astype(str) == "").any():
+        s = config.split
+        frame, _ = split_manifest(frame, s.by, embeddings, seed=s.seed, folds=folds, where=str(run_dir))
+    fold = frame["fold"].astype(int).to_numpy()
+    k_folds = int(fold.max()) + 1
+    per_fold = []
+    for k in range(k_folds):
+        part = frame.copy()
+        part["split"] = np.where(fold == k, "test", np.where(fold == (k + 1) % k_folds, "val", "train"))
+        split = part["split"].to_numpy()
+        report: dict[str, object] = {
+            "by": f"{config.split.by} folds ({k_folds})", "seed": config.split.seed, "warning": "",
+            "leakage_test": leakage_report(embeddings, np.flatnonzero(split == "test"), np.flatnonzero(split == "train")),
+        }
+        log(f"--- fold {k + 1}/{k_folds} ---")
+        metrics = train_run(part, config, run_dir / f"fold-{k}", show_progress=show_progress, log=log, split_report=report)
+        per_fold.append(metrics["test"])
+    summary: dict[str, object] = {"folds": k_folds, "per_fold": per_fold}
+    for name in CV_METRICS:
+        values = np.array([float(m[name]) for m in per_fold if name in m])  # type: ignore[index]
+        summary[name] = {"mean": float(np.nanmean(values)), "sd": float(np.nanstd(values, ddof=1)) if len(values) > 1 else float("nan")}
+    atomic.write_json(run_dir / "cv.json", summary)
+    return summary

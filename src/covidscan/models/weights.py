@@ -14,7 +14,10 @@ from torch import nn
 from covidscan.errors import WeightsError
 from covidscan.models.registry import BackboneSpec
 
-WEIGHT_CHOICES = "'imagenet' (packaged, else error), 'packaged', 'hub' (online), 'none', or a file path"
+WEIGHT_CHOICES = (
+    "set model.weights (e.g. --set model.weights=...) to a state-dict FILE (timm/torchvision, .pth or .safetensors), "
+    "'hub' (online only) or 'none' (train from scratch)"
+)
 
 
 def packaged_weights_file(spec: BackboneSpec) -> Path:
