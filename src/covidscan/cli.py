@@ -170,13 +170,19 @@ def train_command(
     else:
         if manifest is None or out is None:
             raise CovidscanError("train needs a MANIFEST and --out RUN_FOLDER (or --resume RUN_FOLDER)")
-        if out.exists() and any(out.iterdir()):
+        from covidscan.train.distributed import env_rank
+
+        # Under torchrun only rank 0 checks: the others may already see its first files.
+        if env_rank() == 0 and out.exists() and any(out.iterdir()):
             raise CovidscanError(f"{out}: run folder exists and is not empty; use --resume {out} or another --out")
         cfg = load_config(config, set_)
         frame = load_manifest(manifest)
         run_dir = out
     metrics = train_run(frame, cfg, run_dir, resume=resume is not None, show_progress=not quiet, log=_log)
-    _print_summary(metrics, run_dir)
+    from covidscan.train.distributed import env_rank
+
+    if env_rank() == 0:
+        _print_summary(metrics, run_dir)
 
 
 @app.command("cv")

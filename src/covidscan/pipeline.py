@@ -28,7 +28,8 @@ from covidscan.models.embed import manifest_embeddings
 from covidscan.models.registry import get_backbone
 from covidscan.progress import track
 from covidscan.seed import seed_everything
-from covidscan.train.engine import TensorData, fit, predict_proba, resolve_device
+from covidscan.train.distributed import device_for, init_distributed
+from covidscan.train.engine import TensorData, fit, predict_proba
 
 MODEL_CARD = "model.json"
 
@@ -82,6 +83,9 @@ def train_run(
     """
     run_dir = Path(run_dir)
     started = time.perf_counter()
+    ctx = init_distributed()  # one process unless launched by torchrun
+    if not ctx.is_main:
+        show_progress, log = False, (lambda message: None)
     seed_everything(config.train.seed, config.train.deterministic)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
@@ -97,8 +101,9 @@ def train_run(
     spec = get_backbone(config.model.backbone)
     size = config.data.image_size or spec.input_size
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
-    save_manifest(frame, run_dir / "manifest.csv")
+    if ctx.is_main:
+        save_config(config, run_dir / "config.yaml")
+        save_manifest(frame, run_dir / "manifest.csv")
 
     parts: dict[str, TensorData] = {}
     for split in ("train", "val", "test"):
@@ -113,15 +118,17 @@ def train_run(
         + " | groups: " + ", ".join(f"{k} {frame.loc[frame['split'] == k, 'group'].nunique()}" for k in parts)
     )
 
-    device = resolve_device(config.train.device)
+    device = device_for(ctx, config.train.device)
     model = CovidClassifier(config.model.backbone, len(classes), 1, config.model.dropout, config.model.weights).to(device)
     normaliser = Normaliser.for_backbone(spec)
     log(f"model: {spec.name} ({model.weights_source}), {size} px, transfer '{config.model.transfer}', device {device}")
     positive = len(classes) - 1
     result = fit(
         model, parts["train"].to(device), parts["val"].to(device), config.train, config.model.transfer,
-        normaliser, run_dir, positive=positive, resume=resume, log=log,
+        normaliser, run_dir, positive=positive, resume=resume, log=log, ctx=ctx,
     )
+    if not result["ranks_agree"]:
+        raise RuntimeError("DDP ranks ended with different weights")
 
     test = parts["test"]
     probs = predict_proba(model, test.images.to(device), normaliser, config.train.batch_size)
@@ -157,6 +164,8 @@ def train_run(
         "covidscan_version": __version__,
         "intended_use": DISCLAIMER,
     }
+    if not ctx.is_main:
+        return metrics
     atomic.write_json(run_dir / MODEL_CARD, card)
     atomic.write_json(run_dir / "metrics.json", metrics)
     predictions = frame[frame["split"] == "test"][["path", "label", "patient_id"]].copy()

@@ -46,6 +46,22 @@ def build_imagenet_model(spec: BackboneSpec, weights: str = "imagenet") -> tuple
     return model, load_imagenet_weights(spec, model, weights)
 
 
+def head_forward(dropout: nn.Module, head: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """Global average pool -> dropout -> linear."""
+    return head(dropout(features.mean(dim=(2, 3))))
+
+
+class HeadPath(nn.Module):
+    """The head alone, as a module: what DDP wraps while the backbone is frozen."""
+
+    def __init__(self, dropout: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.dropout, self.head = dropout, head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return head_forward(self.dropout, self.head, features)
+
+
 class CovidClassifier(nn.Module):
     """A timm backbone with covidscan's GAP-dropout-linear head."""
 
@@ -74,7 +90,7 @@ class CovidClassifier(nn.Module):
         return self.backbone.forward_features(x)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(features.mean(dim=(2, 3))))
+        return head_forward(self.dropout, self.head, features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -22,8 +22,9 @@ from covidscan import atomic
 from covidscan.config import TrainConfig
 from covidscan.data.transforms import AugmentConfig, Normaliser, augment, to_float
 from covidscan.evaluate.metrics import auc_roc
-from covidscan.models.classifier import CovidClassifier
+from covidscan.models.classifier import CovidClassifier, HeadPath
 from covidscan.train.checkpoint import load_checkpoint, save_checkpoint
+from covidscan.train.distributed import Dist, barrier, mean_across_ranks, ranks_agree, wrap
 
 LAST = "checkpoints/last.safetensors"
 BEST = "checkpoints/best.safetensors"
@@ -42,12 +43,6 @@ class TensorData:
 
     def to(self, device: torch.device) -> TensorData:
         return TensorData(self.images.to(device), self.labels.to(device))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _autocast(device: torch.device) -> torch.autocast:
@@ -98,35 +93,39 @@ def _train_one_epoch(
     normaliser: Normaliser,
     generator: torch.Generator,
     loss_weight: torch.Tensor | None,
+    ctx: Dist,
 ) -> float:
+    """One epoch. Under DDP every rank draws the same global batch and trains on its slice."""
     model.train()
     device = data.images.device
+    # DDP wraps what trains this epoch: the head alone while the backbone is frozen.
+    runner = wrap(ctx, HeadPath(model.dropout, model.head) if model.frozen_backbone else model, device)
     order = torch.randperm(len(data), generator=generator).to(device)
     aug_cfg = AugmentConfig(rotation_deg=cfg.rotation_deg)
     total, seen = 0.0, 0
     for start in range(0, len(data), cfg.batch_size):
         index = order[start : start + cfg.batch_size]
-        if index.numel() < 2 and seen:  # a batch of one breaks BatchNorm; drop the remainder
+        if index.numel() < 2 * ctx.world and seen:  # a slice of one breaks BatchNorm; drop the remainder
             break
         batch = to_float(data.images[index])
         if cfg.augment:
             batch = augment(batch, generator, aug_cfg)
-        batch = normaliser(batch)
-        target = data.labels[index]
+        batch = normaliser(batch)[ctx.rank :: ctx.world]
+        target = data.labels[index][ctx.rank :: ctx.world]
         with _autocast(device):
             if model.frozen_backbone:
                 with torch.no_grad():
                     features = model.forward_features(batch)
-                logits = model.forward_head(features)
+                logits = runner(features)
             else:
-                logits = model(batch)
+                logits = runner(batch)
             loss = F.cross_entropy(logits.float(), target, weight=loss_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += float(loss.detach()) * len(index)
-        seen += len(index)
-    return total / max(seen, 1)
+        total += float(loss.detach()) * len(target)
+        seen += len(target)
+    return mean_across_ranks(ctx, total / max(seen, 1))
 
 
 def _validate(model: CovidClassifier, data: TensorData, normaliser: Normaliser, batch_size: int, positive: int) -> dict[str, float]:
@@ -151,8 +150,13 @@ def fit(
     positive: int = 1,
     resume: bool = False,
     log: Callable[[str], None] = print,
+    ctx: Dist = Dist(),
 ) -> dict[str, object]:
-    """Train with early stopping on validation loss; leave the best weights in `model`."""
+    """Train with early stopping on validation loss; leave the best weights in `model`.
+
+    Under DDP (`ctx.enabled`) only rank 0 writes files; all ranks validate on
+    the full validation set and so take the same early-stopping decisions.
+    """
     run_dir = Path(run_dir)
     num_classes = model.head.out_features
     optimizer = _make_optimizer(model, cfg, transfer)
@@ -171,7 +175,7 @@ def fit(
         torch.manual_seed(epoch_seed)  # dropout
         frozen = _backbone_frozen(transfer, epoch, cfg.head_epochs)
         model.freeze_backbone(frozen)
-        train_loss = _train_one_epoch(model, train, optimizer, cfg, normaliser, generator, loss_weight)
+        train_loss = _train_one_epoch(model, train, optimizer, cfg, normaliser, generator, loss_weight, ctx)
         row = {"epoch": epoch + 1, "backbone": "frozen" if frozen else "trained", "train_loss": train_loss}
         row.update(_validate(model, val, normaliser, cfg.batch_size, positive))
         row["seconds"] = round(time.perf_counter() - started, 2)
@@ -179,14 +183,17 @@ def fit(
         improved = row["val_loss"] < float(state["best_loss"]) - 1e-6  # type: ignore[arg-type]
         if improved:
             state["best_loss"], state["best_epoch"], state["bad_epochs"] = row["val_loss"], epoch + 1, 0
-            save_checkpoint(run_dir / BEST, model, {"epoch": epoch + 1, "val_loss": row["val_loss"]})
+            if ctx.is_main:
+                save_checkpoint(run_dir / BEST, model, {"epoch": epoch + 1, "val_loss": row["val_loss"]})
         else:
             state["bad_epochs"] = int(state["bad_epochs"]) + 1  # type: ignore[call-overload]
         state["finished"] = int(state["bad_epochs"]) >= cfg.patience or epoch + 1 >= cfg.epochs  # type: ignore[call-overload]
         state["epoch"], state["history"] = epoch, history
         model.freeze_backbone(False)
-        save_checkpoint(run_dir / LAST, model, state, optimizer)
-        atomic.write_text(run_dir / HISTORY, "".join(json.dumps(r) + "\n" for r in history))
+        if ctx.is_main:
+            save_checkpoint(run_dir / LAST, model, state, optimizer)
+            atomic.write_text(run_dir / HISTORY, "".join(json.dumps(r) + "\n" for r in history))
+        barrier(ctx)
         log(
             f"epoch {epoch + 1}/{cfg.epochs} [{row['backbone']}] train loss {train_loss:.4f}  "
             f"val loss {row['val_loss']:.4f}  val acc {row['val_accuracy']:.3f}  val AUC {row['val_auc']:.3f}  "
@@ -195,6 +202,10 @@ def fit(
         epoch += 1
     if int(state["bad_epochs"]) >= cfg.patience and epoch < cfg.epochs:  # type: ignore[call-overload]
         log(f"early stop: validation loss did not improve for {cfg.patience} epochs")
+    barrier(ctx)
     load_checkpoint(run_dir / BEST, model)
     model.freeze_backbone(False)
-    return {"best_epoch": state["best_epoch"], "best_val_loss": state["best_loss"], "epochs_run": len(history), "history": history}
+    return {
+        "best_epoch": state["best_epoch"], "best_val_loss": state["best_loss"], "epochs_run": len(history),
+        "world_size": ctx.world, "ranks_agree": ranks_agree(ctx, model), "history": history,
+    }
