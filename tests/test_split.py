@@ -121,3 +121,14 @@ def test_leakage_report_counts_near_duplicates() -> None:
     vectors = np.vstack([vectors, vectors[0]])  # image 4 duplicates image 0
     report = leakage_report(vectors, held_out=np.array([4, 1]), train=np.array([0, 2, 3]))
     assert report["near_duplicates"] == 1 and report["share"] == 0.5 and report["flagged"]
+
+
+def test_threshold_calibrates_on_patients_when_they_all_look_alike() -> None:
+    from covidscan.data.split import NEAR_DUPLICATE_SIMILARITY, calibrated_threshold
+
+    frame, distinct = _patients_as_vectors(n_patients=20, slices=4)
+    patients = frame["path"].str.split("/").str[2].to_numpy()
+    assert calibrated_threshold(distinct, patients) == NEAR_DUPLICATE_SIMILARITY
+    alike = distinct * 0.1 + np.ones(distinct.shape[1]) / np.sqrt(distinct.shape[1])  # every patient nearly the same
+    alike /= np.linalg.norm(alike, axis=1, keepdims=True)
+    assert calibrated_threshold(alike.astype(np.float32), patients) > 0.98

@@ -144,7 +144,7 @@ def split_command(
         name = f"fold {k}" if folds else "test"
         flag = "  [bold red]LEAKY SPLIT[/bold red]" if leak["flagged"] else ""
         _log(f"leakage ({name}): {leak['near_duplicates']}/{leak['test_images']} held-out images ({leak['share']:.1%}) have a near duplicate "
-             f"(cosine >= {threshold}) in train; median nearest-neighbour similarity {leak['median_nn_similarity']:.3f}{flag}")
+             f"(cosine >= {leak['threshold']:.3f}) in train; median nearest-neighbour similarity {leak['median_nn_similarity']:.3f}{flag}")
 
 
 @app.command("train")

@@ -18,7 +18,7 @@ from covidscan import DISCLAIMER, __version__, atomic
 from covidscan.config import RunConfig, save_config
 from covidscan.data.io import load_resized
 from covidscan.data.manifest import class_names, image_refs, save_manifest
-from covidscan.data.split import leakage_report, split_manifest
+from covidscan.data.split import leakage_report, leakage_threshold, split_manifest
 from covidscan.data.transforms import Normaliser
 from covidscan.errors import DataError
 from covidscan.evaluate.metrics import binary_metrics
@@ -58,9 +58,10 @@ def assign_splits(frame: pd.DataFrame, config: RunConfig, where: str, show: bool
     if "split" in frame.columns and set(frame["split"].astype(str)) >= {"train", "val", "test"}:
         split = frame["split"].astype(str).to_numpy()
         train = np.flatnonzero(split == "train")
+        threshold = leakage_threshold(frame, embeddings)
         report: dict[str, object] = {
             "by": "given in the manifest", "seed": "", "warning": "",
-            "leakage_test": leakage_report(embeddings, np.flatnonzero(split == "test"), train),
+            "leakage_test": leakage_report(embeddings, np.flatnonzero(split == "test"), train, threshold),
         }
         report["flagged"] = report["leakage_test"]["flagged"]  # type: ignore[index]
         return frame, report
@@ -210,6 +211,7 @@ def cross_validate(
         s = config.split
         frame, _ = split_manifest(frame, s.by, embeddings, seed=s.seed, folds=folds, where=str(run_dir))
     fold = frame["fold"].astype(int).to_numpy()
+    threshold = leakage_threshold(frame, embeddings)
     k_folds = int(fold.max()) + 1
     per_fold = []
     for k in range(k_folds):
@@ -218,7 +220,7 @@ def cross_validate(
         split = part["split"].to_numpy()
         report: dict[str, object] = {
             "by": f"{config.split.by} folds ({k_folds})", "seed": config.split.seed, "warning": "",
-            "leakage_test": leakage_report(embeddings, np.flatnonzero(split == "test"), np.flatnonzero(split == "train")),
+            "leakage_test": leakage_report(embeddings, np.flatnonzero(split == "test"), np.flatnonzero(split == "train"), threshold),
         }
         log(f"--- fold {k + 1}/{k_folds} ---")
         metrics = train_run(part, config, run_dir / f"fold-{k}", show_progress=show_progress, log=log, split_report=report)

@@ -207,6 +207,32 @@ def group_folds(labels: np.ndarray, groups: np.ndarray, folds: int, seed: int) -
     return fold
 
 
+def calibrated_threshold(
+    embeddings: np.ndarray, patient_ids: np.ndarray, base: float = NEAR_DUPLICATE_SIMILARITY, sample: int = 2000, seed: int = 0
+) -> float:
+    """With patient IDs, "near duplicate" must mean closer than different patients are in *this* data.
+
+    Returns max(base, 99th percentile of each image's nearest-neighbour
+    similarity among images of other patients). On homogeneous data (e.g.
+    the synthetic phantom, where every patient looks alike) this rises above
+    `base`; on real CT it stays at `base`.
+    """
+    patient_ids = np.asarray(patient_ids).astype(str)
+    if len(np.unique(patient_ids)) < 2:
+        return base
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(embeddings), size=min(sample, len(embeddings)), replace=False)
+    sims = embeddings[chosen] @ embeddings.T
+    sims[patient_ids[chosen][:, None] == patient_ids[None, :]] = -1.0
+    return float(max(base, np.percentile(sims.max(1), 99)))
+
+
+def leakage_threshold(frame: pd.DataFrame, embeddings: np.ndarray, base: float = NEAR_DUPLICATE_SIMILARITY, seed: int = 0) -> float:
+    """The near-duplicate threshold for a manifest: calibrated on its patients when all have IDs."""
+    patient_ids = frame["patient_id"].astype(str).str.strip().to_numpy()
+    return calibrated_threshold(embeddings, patient_ids, base, seed=seed) if (patient_ids != "").all() else base
+
+
 def leakage_report(
     embeddings: np.ndarray, held_out: np.ndarray, train: np.ndarray, threshold: float = NEAR_DUPLICATE_SIMILARITY
 ) -> dict[str, object]:
@@ -218,7 +244,8 @@ def leakage_report(
     """
     held, trained = embeddings[held_out], embeddings[train]
     if len(held) == 0 or len(trained) == 0:
-        return {"test_images": int(len(held)), "near_duplicates": 0, "share": 0.0, "median_nn_similarity": float("nan"), "flagged": False}
+        return {"test_images": int(len(held)), "threshold": threshold, "near_duplicates": 0, "share": 0.0,
+                "median_nn_similarity": float("nan"), "flagged": False}
     nearest = np.concatenate([(held[s : s + 2048] @ trained.T).max(1) for s in range(0, len(held), 2048)])
     count = int((nearest >= threshold).sum())
     share = count / len(held)
@@ -259,6 +286,7 @@ def split_manifest(
         groups = np.array([f"image-{i}" for i in range(len(frame))], dtype=object)
         warning = "random image-level split: neighbouring slices of one patient land in train and test; use it only to demonstrate leakage"
     out["group"] = groups
+    threshold = leakage_threshold(frame, embeddings, threshold, seed)
     report: dict[str, object] = {"by": by, "seed": seed, "groups": int(len(np.unique(groups))), "warning": warning}
     if folds:
         out["fold"] = group_folds(labels, groups, folds, seed) if by != "random" else np.random.default_rng(seed).permutation(len(labels)) % folds
