@@ -61,7 +61,8 @@ def _leakage_html(split: dict[str, object]) -> str:
     verdict = "LEAKY SPLIT: test figures overstate performance on new patients." if leak["flagged"] else "No sign of leakage at this threshold."
     return (
         f'<p class="{css}"><strong>Leakage figure:</strong> {leak["near_duplicates"]} of {leak["test_images"]} test images '
-        f'({leak["share"]:.1%}) have a near duplicate (cosine similarity ≥ {leak.get("threshold", 0.92)} of ImageNet features) '
+        f'({leak["share"]:.1%}) have a near duplicate (cosine similarity ≥ {float(leak.get("threshold", 0.92)):.3f} of ImageNet features; '
+        f'0.92, or higher where patients of this data set are alike) '
         f'in the training part; median nearest-neighbour similarity test→train {leak["median_nn_similarity"]:.3f}. {verdict}'
         + (f" {html.escape(str(split['warning']))}" if split.get("warning") else "")
         + "</p>"
