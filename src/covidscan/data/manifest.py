@@ -53,15 +53,20 @@ def save_manifest(frame: pd.DataFrame, path: str | Path) -> Path:
     return atomic.write_with(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
-def load_manifest(path: str | Path) -> pd.DataFrame:
-    """Read and validate a manifest CSV. Empty cells read as empty strings."""
+def read_csv_table(path: str | Path, what: str = "CSV") -> pd.DataFrame:
+    """Read a CSV as strings (empty cells stay empty); errors name the file and the problem."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(path, "manifest file does not exist")
+        raise DataError(path, f"{what} file does not exist")
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(path, f"not a readable manifest CSV ({exc})") from None
+        raise DataError(path, f"not a readable {what} ({exc})") from None
+
+
+def load_manifest(path: str | Path) -> pd.DataFrame:
+    """Read and validate a manifest CSV. Empty cells read as empty strings."""
+    frame = read_csv_table(path, "manifest CSV")
     return new_manifest(validate_manifest(frame, path).to_dict("records"))
 
 

@@ -23,6 +23,15 @@ from covidscan.errors import DataError
 Loader = Callable[[Path, LabelSet | None], pd.DataFrame]
 
 
+def _labelled_manifest(rows: list[dict[str, object]], labels: LabelSet | None, root: Path, empty: str) -> pd.DataFrame:
+    """Rows -> manifest with labels mapped onto the label set; no rows is an error."""
+    if not rows:
+        raise DataError(root, empty)
+    frame = new_manifest(rows)
+    frame["label"] = map_labels(frame["label"], labels, root)
+    return frame
+
+
 def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
 
@@ -112,11 +121,7 @@ def load_ucsd_covid_ct(root: Path, labels: LabelSet | None) -> pd.DataFrame:
                 row["official_split"] = official.get(image.name, "")
                 row["modality"] = "CT"
                 rows.append(row)
-    if not rows:
-        raise DataError(root, "no images under CT_COVID/ or CT_NonCOVID/")
-    frame = new_manifest(rows)
-    frame["label"] = map_labels(frame["label"], labels, root)
-    return frame
+    return _labelled_manifest(rows, labels, root, "no images under CT_COVID/ or CT_NonCOVID/")
 
 
 # --- COVID-19 image data collection (ieee8023) -----------------------------
@@ -154,11 +159,7 @@ def load_ieee8023(root: Path, labels: LabelSet | None) -> pd.DataFrame:
         for row in image_rows(image, finding, f"ieee8023/{record['patientid']}", "ieee8023"):
             row.update(modality="CXR", view=record.get("view", ""), finding=record["finding"])
             rows.append(row)
-    if not rows:
-        raise DataError(root, "no labelled images found")
-    frame = new_manifest(rows)
-    frame["label"] = map_labels(frame["label"], labels, root)
-    return frame
+    return _labelled_manifest(rows, labels, root, "no labelled images found")
 
 
 # --- Kermany normal X-rays -------------------------------------------------
@@ -174,11 +175,7 @@ def load_kermany_normal(root: Path, labels: LabelSet | None) -> pd.DataFrame:
         for row in image_rows(image, "normal", pid, "kermany-normal"):
             row["modality"] = "CXR"
             rows.append(row)
-    if not rows:
-        raise DataError(root, "no images found")
-    frame = new_manifest(rows)
-    frame["label"] = map_labels(frame["label"], labels, root)
-    return frame
+    return _labelled_manifest(rows, labels, root, "no images found")
 
 
 LOADERS: dict[str, Loader] = {

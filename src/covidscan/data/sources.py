@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from covidscan.data.io import DICOM_SUFFIXES, is_image_file, is_volume_file, nifti_slice_count, patient_key
-from covidscan.data.manifest import new_manifest
+from covidscan.data.manifest import new_manifest, read_csv_table
 from covidscan.errors import DataError, ImageReadError
 
 _BINARY_ALIASES: dict[str, tuple[str, ...]] = {
@@ -165,12 +165,7 @@ def index_csv(path: str | Path, labels: LabelSet | str | None = "binary", source
     if isinstance(labels, str):
         labels = LabelSet.parse(labels)
     path = Path(path).expanduser().resolve()
-    if not path.is_file():
-        raise DataError(path, "CSV file does not exist")
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(path, f"not a readable CSV ({exc})") from None
+    table = read_csv_table(path)
     table.columns = [c.strip().lower() for c in table.columns]
     if not {"path", "label"} <= set(table.columns):
         raise DataError(path, f"CSV needs columns path,label[,patient_id]; it has {list(table.columns)}")
