@@ -24,7 +24,7 @@ def tiny_run(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 def test_run_folder_has_everything(tiny_run: Path) -> None:
-    for name in ("config.yaml", "manifest.csv", "model.json", "metrics.json", "report.html", "history.jsonl",
+    for name in ("config.yaml", "manifest.csv", "model.json", "metrics.json", "report.html", "history.jsonl", "history.csv",
                  "test_predictions.csv", "checkpoints/best.safetensors", "checkpoints/last.safetensors"):
         assert (tiny_run / name).is_file(), name
     metrics = json.loads((tiny_run / "metrics.json").read_text())

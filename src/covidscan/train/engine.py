@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +30,7 @@ from covidscan.train.distributed import Dist, barrier, mean_across_ranks, ranks_
 LAST = "checkpoints/last.safetensors"
 BEST = "checkpoints/best.safetensors"
 HISTORY = "history.jsonl"
+HISTORY_CSV = "history.csv"  # the same rows, for spreadsheets
 
 
 @dataclass
@@ -193,6 +195,7 @@ def fit(
         if ctx.is_main:
             save_checkpoint(run_dir / LAST, model, state, optimizer)
             atomic.write_text(run_dir / HISTORY, "".join(json.dumps(r) + "\n" for r in history))
+            atomic.write_with(run_dir / HISTORY_CSV, lambda tmp: pd.DataFrame(history).to_csv(tmp, index=False))
         barrier(ctx)
         log(
             f"epoch {epoch + 1}/{cfg.epochs} [{row['backbone']}] train loss {train_loss:.4f}  "
