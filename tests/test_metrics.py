@@ -37,3 +37,43 @@ def test_one_class_gives_nan_auc_with_warning_and_nan_ratios() -> None:
         m = binary_metrics(np.zeros(4), np.array([0.1, 0.2, 0.7, 0.3]))
     assert math.isnan(m["auc"]) and math.isnan(m["sensitivity"])
     assert m["specificity"] == 0.75
+
+
+def test_extended_metrics_agree_with_scikit_learn() -> None:
+    from sklearn.metrics import average_precision_score, balanced_accuracy_score, brier_score_loss, cohen_kappa_score, matthews_corrcoef
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 300)
+    p = np.clip(y * 0.35 + rng.random(300) * 0.65, 0, 1)
+    pred = (p >= 0.5).astype(int)
+    m = binary_metrics(y, p)
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert m["mcc"] == pytest.approx(matthews_corrcoef(y, pred))
+    assert m["kappa"] == pytest.approx(cohen_kappa_score(y, pred))
+    assert m["brier"] == pytest.approx(brier_score_loss(y, p))
+    assert m["auc_pr"] == pytest.approx(average_precision_score(y, p))
+    assert m["npv"] == pytest.approx(m["tn"] / (m["tn"] + m["fn"]))
+    assert m["fpr"] == pytest.approx(1 - m["specificity"]) and m["fnr"] == pytest.approx(1 - m["sensitivity"])
+
+
+def test_ece_hand_worked() -> None:
+    from covidscan.evaluate.metrics import expected_calibration_error
+
+    # Two bins used: 0.15 (2 images, 1 positive: |0.5-0.15|) and 0.95 (2 images, both positive: |1-0.95|).
+    assert expected_calibration_error(np.array([0, 1, 1, 1]), np.array([0.15, 0.15, 0.95, 0.95])) == pytest.approx(0.5 * 0.35 + 0.5 * 0.05)
+
+
+def test_bootstrap_over_groups_is_seeded_contains_the_estimate_and_is_wider_than_over_slices() -> None:
+    from covidscan.evaluate.stats import bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(20), 10)  # 20 patients, 10 near-identical slices each
+    y = (groups % 2).astype(int)
+    patient_score = np.clip(y[::10] * 0.3 + rng.random(20) * 0.7, 0, 1)
+    score = np.repeat(patient_score, 10) + rng.normal(0, 0.01, 200)
+    a = bootstrap_ci(y, score, groups, n_boot=200, seed=3)
+    b = bootstrap_ci(y, score, groups, n_boot=200, seed=3)
+    slices = bootstrap_ci(y, score, None, n_boot=200, seed=3)
+    assert a == b
+    assert a["auc"]["low"] <= a["auc"]["value"] <= a["auc"]["high"]
+    assert (a["auc"]["high"] - a["auc"]["low"]) > 1.5 * (slices["auc"]["high"] - slices["auc"]["low"])

@@ -22,6 +22,7 @@ from covidscan.data.split import leakage_report, leakage_threshold, split_manife
 from covidscan.data.transforms import Normaliser
 from covidscan.errors import DataError
 from covidscan.evaluate.metrics import binary_metrics
+from covidscan.evaluate.stats import bootstrap_ci
 from covidscan.evaluate.report import write_report
 from covidscan.models.classifier import CovidClassifier
 from covidscan.models.embed import manifest_embeddings
@@ -148,6 +149,10 @@ def train_run(
         "test": binary_metrics(labels == positive, probs[:, positive]) if len(classes) == 2 else {
             "n": int(len(labels)), "accuracy": float((probs.argmax(1) == labels).mean())
         },
+        "test_ci": bootstrap_ci(
+            labels == positive, probs[:, positive], frame.loc[frame["split"] == "test", "group"].astype(str).to_numpy(),
+            seed=config.split.seed,
+        ) if len(classes) == 2 else {},
         "training": {k: v for k, v in result.items() if k != "history"},
         "wall_seconds": round(time.perf_counter() - started, 1),
     }

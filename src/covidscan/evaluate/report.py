@@ -77,11 +77,21 @@ def write_report(path: str | Path, metrics: dict[str, object], history: list[dic
     positive, negative = classes[-1], classes[0]
     split = metrics["split"]
     assert isinstance(split, dict)
+    ci = metrics.get("test_ci") or {}
+    assert isinstance(ci, dict)
+
+    def interval(key: str) -> str:
+        if key not in ci:
+            return ""
+        return f"{_fmt(ci[key]['low'])} – {_fmt(ci[key]['high'])}"
+
     rows = "".join(
-        f"<tr><td>{name}</td><td>{_fmt(test[key])}</td></tr>"
+        f"<tr><td>{name}</td><td>{_fmt(test[key])}</td><td>{interval(key)}</td></tr>"
         for key, name in (
-            ("accuracy", "Accuracy"), ("sensitivity", "Sensitivity (recall)"), ("specificity", "Specificity"),
-            ("precision", "Precision (PPV)"), ("f1", "F1"), ("auc", "AUC-ROC"),
+            ("accuracy", "Accuracy"), ("balanced_accuracy", "Balanced accuracy"), ("sensitivity", "Sensitivity (recall)"),
+            ("specificity", "Specificity"), ("precision", "Precision (PPV)"), ("npv", "NPV"), ("f1", "F1"),
+            ("auc", "AUC-ROC"), ("auc_pr", "AUC-PR"), ("mcc", "MCC"), ("kappa", "Cohen's kappa"),
+            ("brier", "Brier score"), ("ece", "Expected calibration error"),
         )
         if key in test
     )
@@ -111,12 +121,12 @@ Images: train {counts.get('train')}, validation {counts.get('val')}, test {count
 Model selection and early stopping used the validation part only.</p>
 {_leakage_html(split)}
 <h2>Test metrics (positive class: {html.escape(positive)}, threshold 0.5)</h2>
-<table><tr><th>Metric</th><th>Value</th></tr>{rows}<tr><td>Images</td><td>{test['n']}</td></tr></table>
+<table><tr><th>Metric</th><th>Value</th><th>95% CI (bootstrap over test groups)</th></tr>{rows}<tr><td>Images</td><td>{test['n']}</td><td></td></tr></table>
 {confusion}
 <h2>Training</h2>{_curve_svg(history)}
 <p>Best epoch {metrics['training']['best_epoch']} of {metrics['training']['epochs_run']} (lowest validation loss).</p>
 <h2>Limitations</h2><ul>
-<li>No confidence intervals yet: with few test patients, these point estimates are uncertain.</li>
+<li>Confidence intervals resample whole test groups (patients or similarity clusters), stratified by class; with few test patients they are wide, and that is the honest answer.</li>
 <li>Slice-level metrics; neighbouring slices of one patient are not independent.</li>
 </ul></body></html>
 """
