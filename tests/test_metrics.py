@@ -77,3 +77,55 @@ def test_bootstrap_over_groups_is_seeded_contains_the_estimate_and_is_wider_than
     assert a == b
     assert a["auc"]["low"] <= a["auc"]["value"] <= a["auc"]["high"]
     assert (a["auc"]["high"] - a["auc"]["low"]) > 1.5 * (slices["auc"]["high"] - slices["auc"]["low"])
+
+
+def test_mcnemar_exact_and_chi_squared() -> None:
+    from covidscan.evaluate.stats import mcnemar_test
+
+    y = np.ones(40, int)
+    a = np.ones(40, int)
+    b = np.ones(40, int)
+    b[:10] = 0  # A right, B wrong on 10 images; never the other way
+    exact = mcnemar_test(y, a, b)
+    assert exact["only_a_correct"] == 10 and exact["only_b_correct"] == 0 and exact["method"] == "exact binomial"
+    assert exact["p_value"] == pytest.approx(2 * 0.5**10)
+    b[:30] = 0
+    large = mcnemar_test(y, a, b)
+    assert large["method"].startswith("chi") and large["p_value"] < 1e-6
+    assert mcnemar_test(y, a, a)["p_value"] == 1.0
+
+
+def test_delong_matches_auc_and_detects_a_difference() -> None:
+    from covidscan.evaluate.stats import delong_test
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    good = y + rng.normal(0, 0.5, 400)
+    poor = y + rng.normal(0, 3.0, 400)
+    result = delong_test(y, good, poor)
+    assert result["auc_a"] == pytest.approx(roc_auc_score(y, good))
+    assert result["auc_b"] == pytest.approx(roc_auc_score(y, poor))
+    assert result["p_value"] < 1e-4
+    assert delong_test(y, good, good)["p_value"] == 1.0
+
+
+def test_operating_point_reaches_the_target_on_validation() -> None:
+    from covidscan.evaluate.stats import threshold_for
+
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    p = np.array([0.9, 0.8, 0.4, 0.2, 0.5, 0.3, 0.1, 0.05])
+    t = threshold_for(y, p, sensitivity=0.75)
+    assert t == 0.4 and np.mean(p[y == 1] >= t) >= 0.75
+    t = threshold_for(y, p, specificity=1.0)
+    assert np.mean(p[y == 0] < t) == 1.0 and t == pytest.approx(0.8)
+
+
+def test_temperature_scaling_softens_overconfident_logits() -> None:
+    from covidscan.evaluate.stats import fit_temperature
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 500)
+    true_logit = (labels * 2 - 1) * 1.0 + rng.normal(0, 1.0, 500)  # x
+    # For x ~ N(+-1, 1) the calibrated log-odds is 2x; logits of 5x need T = 5 / 2.
+    logits = np.stack([np.zeros(500), 5.0 * true_logit], 1)
+    assert 2.1 < fit_temperature(logits, labels) < 2.9

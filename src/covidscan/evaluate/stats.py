@@ -53,3 +53,85 @@ def bootstrap_ci(
         low, high = (np.quantile(finite, [alpha, 1 - alpha]) if len(finite) else (math.nan, math.nan))
         out[name] = {"value": float(point[name]), "low": float(low), "high": float(high)}
     return out
+
+
+def mcnemar_test(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray) -> dict[str, float | int]:
+    """McNemar's test of two classifiers on the same images: exact binomial when discordant pairs < 25."""
+    from scipy.stats import binomtest, chi2
+
+    correct_a = np.asarray(pred_a) == np.asarray(y_true)
+    correct_b = np.asarray(pred_b) == np.asarray(y_true)
+    b = int((correct_a & ~correct_b).sum())  # only A right
+    c = int((~correct_a & correct_b).sum())  # only B right
+    if b + c == 0:
+        return {"only_a_correct": b, "only_b_correct": c, "p_value": 1.0, "method": "no discordant pairs"}  # type: ignore[dict-item]
+    if b + c < 25:
+        p = float(binomtest(b, b + c, 0.5).pvalue)
+        method = "exact binomial"
+    else:
+        statistic = (abs(b - c) - 1) ** 2 / (b + c)  # with continuity correction
+        p = float(chi2.sf(statistic, 1))
+        method = "chi-squared with continuity correction"
+    return {"only_a_correct": b, "only_b_correct": c, "p_value": p, "method": method}  # type: ignore[dict-item]
+
+
+def _midrank(x: np.ndarray) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    return rankdata(x, method="average")
+
+
+def delong_test(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray) -> dict[str, float]:
+    """DeLong's test for the difference of two correlated AUCs (same images)."""
+    from scipy.stats import norm
+
+    y_true = np.asarray(y_true).astype(int)
+    pos, neg = y_true == 1, y_true == 0
+    m, n = int(pos.sum()), int(neg.sum())
+    if m < 2 or n < 2:
+        return {"auc_a": math.nan, "auc_b": math.nan, "difference": math.nan, "p_value": math.nan}
+    v10, v01, aucs = [], [], []
+    for score in (np.asarray(score_a, float), np.asarray(score_b, float)):
+        tx, ty = _midrank(score[pos]), _midrank(score[neg])
+        tz = _midrank(np.concatenate([score[pos], score[neg]]))
+        auc = (tz[:m].sum() - m * (m + 1) / 2) / (m * n)
+        v10.append((tz[:m] - tx) / n)
+        v01.append(1.0 - (tz[m:] - ty) / m)
+        aucs.append(auc)
+    s10, s01 = np.cov(np.array(v10)), np.cov(np.array(v01))
+    variance = (s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / m + (s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]) / n
+    difference = float(aucs[0] - aucs[1])
+    if variance <= 0:
+        return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "difference": difference, "p_value": 1.0 if difference == 0 else 0.0}
+    z = difference / math.sqrt(variance)
+    return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "difference": difference, "p_value": float(2 * norm.sf(abs(z)))}
+
+
+def threshold_for(y_true: np.ndarray, score: np.ndarray, sensitivity: float | None = None, specificity: float | None = None) -> float:
+    """The operating point chosen on *validation* data: the highest threshold reaching the target
+    sensitivity (screening), or the lowest reaching the target specificity."""
+    y_true, score = np.asarray(y_true).astype(int), np.asarray(score, float)
+    if (sensitivity is None) == (specificity is None):
+        raise ValueError("give exactly one of sensitivity or specificity")
+    candidates = np.unique(np.concatenate([score, [0.0, 1.0 + 1e-9]]))
+    if sensitivity is not None:
+        positives = score[y_true == 1]
+        ok = [t for t in candidates if positives.size and np.mean(positives >= t) >= sensitivity]
+        return float(max(ok)) if ok else 0.0
+    negatives = score[y_true == 0]
+    ok = [t for t in candidates if negatives.size and np.mean(negatives < t) >= specificity]  # type: ignore[operator]
+    return float(min(ok)) if ok else 1.0 + 1e-9
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature scaling fitted on validation logits (N, C): one scalar T > 0 minimising NLL."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
+
+    logits, labels = np.asarray(logits, float), np.asarray(labels).astype(int)
+
+    def nll(log_t: float) -> float:
+        return float(-log_softmax(logits / math.exp(log_t), axis=1)[np.arange(len(labels)), labels].mean())
+
+    result = minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded")
+    return float(math.exp(result.x))
