@@ -103,3 +103,7 @@ def test_split_command_reports_leakage_for_patient_and_random(tmp_path: Path) ->
     assert random.returncode == 0 and "warning" in random.stdout and "demonstrate leakage" in random.stdout
     _assert_clean_error(_run("split", str(tmp_path / "m.csv"), "-o", str(tmp_path / "x.csv"), "--by", "sideways", "--quiet",
                              "--embeddings", str(tmp_path / "s.embeddings.npz")), "sideways")
+
+
+def test_paths_with_brackets_survive_in_error_messages(tmp_path: Path) -> None:
+    _assert_clean_error(_run("data", "index", str(tmp_path / "scan [2020]"), "-o", str(tmp_path / "m.csv")), "scan [2020]")

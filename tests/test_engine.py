@@ -75,3 +75,18 @@ def test_augment_is_seeded_and_keeps_range() -> None:
     c = augment(x, torch.Generator().manual_seed(2), AugmentConfig())
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+
+
+def test_fine_mode_unfreezes_deepest_groups_first_with_decaying_learning_rates(tiny_phantom: Path, tmp_path: Path) -> None:
+    from covidscan.train.engine import _make_optimizer, _trainable_groups
+
+    model = _model()
+    groups = model.layer_groups()
+    cfg = TrainConfig(head_epochs=2, unfreeze_epochs=4, lr=1e-3, backbone_lr_scale=0.1, layer_decay=0.5)
+    counts = [_trainable_groups("fine", e, cfg, len(groups)) for e in range(8)]
+    assert counts[:2] == [0, 0] and counts[-1] == len(groups) and counts == sorted(counts) and 0 < counts[2] < len(groups)
+    model.set_trainable_groups(2)
+    trainable = {n for n, p in model.backbone.named_parameters() if p.requires_grad}
+    assert trainable == set(groups[-1]) | set(groups[-2])
+    lrs = [g["lr"] for g in _make_optimizer(model, cfg, "fine").param_groups]
+    assert lrs[-1] == 1e-3 and lrs[-2] == pytest.approx(1e-4) and lrs[-3] == pytest.approx(5e-5) and lrs[0] < lrs[1]

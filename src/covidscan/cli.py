@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from covidscan import DISCLAIMER
 from covidscan.errors import CovidscanError
@@ -26,7 +27,8 @@ err_console = Console(stderr=True, highlight=False)
 
 
 def _log(message: str) -> None:
-    console.print(message)
+    """Print plain text: brackets in messages (paths, '[frozen]') are not rich markup."""
+    console.print(message, markup=False)
 
 
 @data_app.command("phantom")
@@ -103,7 +105,7 @@ def audit_command(
         save_manifest(clean, out / "clean_manifest.csv")
     paths = write_audit(result, out, manifest.name, dropped)
     for warning in result.summary["warnings"]:  # type: ignore[union-attr]
-        console.print(f"[bold red]warning:[/bold red] {warning}")
+        console.print(f"[bold red]warning:[/bold red] {escape(str(warning))}")
     _log(f"audited {result.summary['images']} images in {result.summary['seconds']} s -> {paths['html']}, {paths['json']}")
     if dropped is not None:
         _log(f"dropped {sum(dropped.values())} images {dropped} -> {out / 'clean_manifest.csv'}")
@@ -137,12 +139,12 @@ def split_command(
     save_manifest(result, out)
     atomic.write_json(out.with_suffix(".split.json"), report)
     if report["warning"]:
-        console.print(f"[bold red]warning:[/bold red] {report['warning']}")
+        console.print(f"[bold red]warning:[/bold red] {escape(str(report['warning']))}")
     _log(f"split by {by}: {report['groups']} groups -> {out} (+ {out.with_suffix('.split.json').name})")
     leaks = report.get("leakage_per_fold") or [report["leakage_test"]]
     for k, leak in enumerate(leaks):  # type: ignore[arg-type]
         name = f"fold {k}" if folds else "test"
-        flag = "  [bold red]LEAKY SPLIT[/bold red]" if leak["flagged"] else ""
+        flag = "  LEAKY SPLIT" if leak["flagged"] else ""
         _log(f"leakage ({name}): {leak['near_duplicates']}/{leak['test_images']} held-out images ({leak['share']:.1%}) have a near duplicate "
              f"(cosine >= {leak['threshold']:.3f}) in train; median nearest-neighbour similarity {leak['median_nn_similarity']:.3f}{flag}")
 
@@ -226,7 +228,7 @@ def predict_command(
     for prediction in predictor.predict(list(images)):
         probs = "  ".join(f"P({name})={value:.3f}" for name, value in prediction.probabilities.items())
         _log(f"{prediction.path}: {prediction.label}  {probs}")
-    _log(f"[italic]{DISCLAIMER}[/italic]")
+    console.print(DISCLAIMER, style="italic", markup=False)
 
 
 @app.command("models")
@@ -275,7 +277,7 @@ def demo_command(
     _print_summary(metrics, out)
     _log(f"demo finished in {time.perf_counter() - started:.0f} s")
     _log(f"try a prediction:  covidscan predict {out} {sorted(data.glob('COVID/*/*.png'))[0]}")
-    _log(f"[italic]{DISCLAIMER}[/italic]")
+    console.print(DISCLAIMER, style="italic", markup=False)
 
 
 def main() -> None:
@@ -283,7 +285,7 @@ def main() -> None:
     try:
         app()
     except CovidscanError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")

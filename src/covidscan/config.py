@@ -48,7 +48,9 @@ class TrainConfig:
     head_epochs: int = 2  # 'fine' transfer: epochs with the backbone frozen
     batch_size: int = 64
     lr: float = 1e-3
-    backbone_lr_scale: float = 0.1  # 'fine' transfer: backbone learning rate = lr * this
+    backbone_lr_scale: float = 0.1  # 'fine' transfer: top backbone group's learning rate = lr * this
+    unfreeze_epochs: int = 3  # 'fine' transfer: epochs over which backbone groups unfreeze, deepest first
+    layer_decay: float = 0.8  # 'fine' transfer: each group nearer the input gets this times the lr above it
     weight_decay: float = 0.0
     patience: int = 5  # early stopping on validation loss
     augment: bool = True

@@ -99,6 +99,24 @@ class CovidClassifier(nn.Module):
         """Pooled features (N, C): for clustering, t-SNE and the input gate."""
         return self.forward_features(x).mean(dim=(2, 3))
 
+    def layer_groups(self) -> list[list[str]]:
+        """Backbone parameter names in depth order (stem first), from timm's group matcher."""
+        from timm.models import group_parameters
+
+        groups = group_parameters(self.backbone, self.backbone.group_matcher(coarse=True))
+        return [list(names) for _, names in sorted(groups.items())]
+
+    def set_trainable_groups(self, count: int) -> None:
+        """Progressive unfreezing: only the `count` deepest layer groups of the backbone train."""
+        if count <= 0:
+            self.freeze_backbone(True)
+            return
+        self.freeze_backbone(False)
+        groups = self.layer_groups()
+        trainable = {name for names in groups[max(0, len(groups) - count) :] for name in names}
+        for name, parameter in self.backbone.named_parameters():
+            parameter.requires_grad_(name in trainable)
+
     def freeze_backbone(self, frozen: bool) -> None:
         """Shallow transfer: train the head only, with the backbone's BatchNorm statistics fixed."""
         self.frozen_backbone = frozen

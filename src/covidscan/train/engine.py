@@ -73,18 +73,33 @@ def _class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def _make_optimizer(model: CovidClassifier, cfg: TrainConfig, transfer: str) -> torch.optim.Optimizer:
-    backbone_lr = cfg.lr * (cfg.backbone_lr_scale if transfer == "fine" else 1.0)
-    return torch.optim.Adam(
-        [
-            {"params": list(model.backbone.parameters()), "lr": backbone_lr, "name": "backbone"},
-            {"params": list(model.head.parameters()), "lr": cfg.lr, "name": "head"},
-        ],
-        weight_decay=cfg.weight_decay,
-    )
+    """Adam with one parameter group for the head and, for 'fine', one per backbone layer group
+    (layer-wise learning-rate decay: deeper groups learn more slowly)."""
+    head = {"params": list(model.head.parameters()), "lr": cfg.lr, "name": "head"}
+    if transfer != "fine":
+        return torch.optim.Adam(
+            [{"params": list(model.backbone.parameters()), "lr": cfg.lr, "name": "backbone"}, head], weight_decay=cfg.weight_decay
+        )
+    named = dict(model.backbone.named_parameters())
+    groups = model.layer_groups()
+    top_lr = cfg.lr * cfg.backbone_lr_scale
+    param_groups = [
+        {"params": [named[n] for n in names], "lr": top_lr * cfg.layer_decay ** (len(groups) - 1 - i), "name": f"backbone.{i}"}
+        for i, names in enumerate(groups)
+    ]
+    return torch.optim.Adam(param_groups + [head], weight_decay=cfg.weight_decay)
 
 
-def _backbone_frozen(transfer: str, epoch: int, head_epochs: int) -> bool:
-    return transfer == "shallow" or (transfer == "fine" and epoch < head_epochs)
+def _trainable_groups(transfer: str, epoch: int, cfg: TrainConfig, n_groups: int) -> int:
+    """How many backbone layer groups (deepest first) train in this epoch."""
+    if transfer == "shallow":
+        return 0
+    if transfer == "deep":
+        return n_groups
+    if epoch < cfg.head_epochs:
+        return 0
+    step = max(1, -(-n_groups // max(1, cfg.unfreeze_epochs)))  # ceil: all groups train after unfreeze_epochs
+    return min(n_groups, (epoch - cfg.head_epochs + 1) * step)
 
 
 def _train_one_epoch(
@@ -175,10 +190,12 @@ def fit(
         epoch_seed = cfg.seed * 1_000_003 + epoch
         generator = torch.Generator().manual_seed(epoch_seed)
         torch.manual_seed(epoch_seed)  # dropout
-        frozen = _backbone_frozen(transfer, epoch, cfg.head_epochs)
-        model.freeze_backbone(frozen)
+        n_groups = len(model.layer_groups())
+        trainable = _trainable_groups(transfer, epoch, cfg, n_groups)
+        model.set_trainable_groups(trainable)
         train_loss = _train_one_epoch(model, train, optimizer, cfg, normaliser, generator, loss_weight, ctx)
-        row = {"epoch": epoch + 1, "backbone": "frozen" if frozen else "trained", "train_loss": train_loss}
+        phase = "frozen" if trainable == 0 else "trained" if trainable == n_groups else f"top {trainable}/{n_groups} groups"
+        row = {"epoch": epoch + 1, "backbone": phase, "train_loss": train_loss}
         row.update(_validate(model, val, normaliser, cfg.batch_size, positive))
         row["seconds"] = round(time.perf_counter() - started, 2)
         history.append(row)
