@@ -53,9 +53,11 @@ def ordered_classes(frame: pd.DataFrame, positive: str) -> list[str]:
     return classes
 
 
-def assign_splits(frame: pd.DataFrame, config: RunConfig, where: str, show: bool = True) -> tuple[pd.DataFrame, dict[str, object]]:
+def assign_splits(
+    frame: pd.DataFrame, config: RunConfig, where: str, show: bool = True, cache: Path | None = None
+) -> tuple[pd.DataFrame, dict[str, object]]:
     """Keep an existing split column, else split as configured; measure the leakage figure either way."""
-    embeddings = manifest_embeddings(frame, show=show)
+    embeddings = manifest_embeddings(frame, cache, show=show)
     if "split" in frame.columns and set(frame["split"].astype(str)) >= {"train", "val", "test"}:
         split = frame["split"].astype(str).to_numpy()
         train = np.flatnonzero(split == "train")
@@ -92,7 +94,7 @@ def train_run(
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     if split_report is None:
-        frame, split_report = assign_splits(frame, config, str(run_dir / "manifest.csv"), show_progress)
+        frame, split_report = assign_splits(frame, config, str(run_dir / "manifest.csv"), show_progress, run_dir / "embeddings.npz")
     leak = split_report["leakage_test"]
     assert isinstance(leak, dict)
     log(f"split by {split_report['by']}: leakage figure {leak['near_duplicates']}/{leak['test_images']} test images "
