@@ -44,7 +44,7 @@ def ucsd(tmp_path: Path) -> Path:
 
 def test_ucsd_loader_keys_patients_by_paper_and_keeps_official_split(ucsd: Path) -> None:
     assert detect_kind(ucsd) == "ucsd-covid-ct"
-    frame = index_source(ucsd).set_index(frame_key := "path")
+    frame = index_source(ucsd).set_index("path")
     names = {Path(p).name: row for p, row in frame.iterrows()}
     assert names["2020.01.24.919183-p27-133.png"]["patient_id"] == names["2020.01.24.919183-p27-132.png"]["patient_id"]
     assert names["2020.01.24.919183-p27-132.png"]["patient_id"] != names["2020.03.01.111-p5-10%0.png"]["patient_id"]
@@ -53,7 +53,6 @@ def test_ucsd_loader_keys_patients_by_paper_and_keeps_official_split(ucsd: Path)
     assert names["2020.03.01.111-p5-10%1.png"]["official_split"] == "val"
     assert names["3.png"]["official_split"] == ""
     assert set(frame["label"]) == {"COVID", "non-COVID"}
-    del frame_key
 
 
 def test_ieee8023_drops_unlabelled_and_maps_findings(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from covidscan.data.io import read_image
 from covidscan.data.manifest import image_refs
-from covidscan.errors import ImageReadError
+from covidscan.errors import CovidscanError, ImageReadError
 from covidscan.progress import track
 
 FILE_PROPERTIES_CATEGORICAL = ("format", "mode", "bit_depth", "size", "source", "modality", "view")
@@ -311,8 +311,6 @@ def drop_flagged(props: pd.DataFrame, kinds: list[str]) -> tuple[pd.DataFrame, d
     """Rows without flags of the given kinds, and how many were dropped per kind."""
     unknown = sorted(set(kinds) - set(DROP_KINDS))
     if unknown:
-        from covidscan.errors import CovidscanError
-
         raise CovidscanError(f"--drop: unknown kind(s) {unknown}; choose from {list(DROP_KINDS)}")
     drop = np.zeros(len(props), bool)
     counts: dict[str, int] = {}

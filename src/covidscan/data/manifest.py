@@ -19,9 +19,9 @@ STANDARD_COLUMNS = ("path", "label", "patient_id", "group", "source", "split", "
 SPLITS = ("train", "val", "test")
 
 
-def new_manifest(rows: list[dict[str, object]]) -> pd.DataFrame:
-    """Build a manifest from row dicts, filling the standard columns."""
-    frame = pd.DataFrame(rows)
+def new_manifest(rows: list[dict[str, object]] | pd.DataFrame) -> pd.DataFrame:
+    """Build a manifest from row dicts (or a frame), filling the standard columns."""
+    frame = rows.copy() if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
     for column in STANDARD_COLUMNS:
         if column not in frame.columns:
             frame[column] = ""
@@ -67,7 +67,7 @@ def read_csv_table(path: str | Path, what: str = "CSV") -> pd.DataFrame:
 def load_manifest(path: str | Path) -> pd.DataFrame:
     """Read and validate a manifest CSV. Empty cells read as empty strings."""
     frame = read_csv_table(path, "manifest CSV")
-    return new_manifest(validate_manifest(frame, path).to_dict("records"))
+    return new_manifest(validate_manifest(frame, path))
 
 
 def class_names(frame: pd.DataFrame) -> list[str]:

@@ -225,5 +225,5 @@ def index_sources(roots: list[str | Path], kind: str = "auto", labels: LabelSet 
     if not roots:
         raise DataError("data index", "give at least one data folder or CSV")
     frames = [index_source(root, kind, labels) for root in roots]
-    frame = new_manifest(pd.concat(frames, ignore_index=True).to_dict("records"))
+    frame = new_manifest(pd.concat(frames, ignore_index=True).fillna(""))
     return require_two_classes(frame, ", ".join(str(r) for r in roots))
