@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -13,14 +14,7 @@ from covidscan.data.sources import index_folder
 from covidscan.pipeline import train_run
 from covidscan.predict import Predictor
 
-TINY = ["data.image_size=48", "train.epochs=2", "train.head_epochs=1", "train.batch_size=16", "split.test_size=0.25", "split.val_size=0.25"]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("run")
-    train_run(index_folder(tiny_phantom), load_config(None, TINY), run, show_progress=False, log=lambda m: None)
-    return run
+from conftest import TINY
 
 
 def test_run_folder_has_everything(tiny_run: Path) -> None:
@@ -71,3 +65,61 @@ def test_cross_validation_runs_every_fold_and_aggregates(tiny_phantom: Path, tmp
     assert summary["auc"]["mean"] == pytest.approx(sum(aucs) / 3)
     assert sum(fold["n"] for fold in summary["per_fold"]) == 48  # every image tested exactly once
     assert json.loads((tmp_path / "cv.json").read_text())["folds"] == 3
+
+
+def _external_manifest(tmp_path: Path, seed: int = 5) -> Path:
+    from covidscan.data.manifest import save_manifest
+    from covidscan.data.phantom import PhantomSpec, generate_phantom_dataset
+
+    root = generate_phantom_dataset(tmp_path / "other-hospital", PhantomSpec(patients_per_class=3, slices_per_patient=2, image_size=48, seed=seed))
+    return save_manifest(index_folder(root, source="other-hospital"), tmp_path / "other-hospital.csv")
+
+
+def test_evaluate_cli_adds_an_external_set_and_the_report_shows_it_in_a_browser(tiny_run: Path, tmp_path: Path) -> None:
+    import re
+    import shutil
+
+    import pandas as pd
+
+    from browser import dump_dom
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    external = _external_manifest(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "covidscan.cli", "evaluate", str(run), str(external), "--quiet"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "other-hospital: 12 images" in out.stdout and "not a diagnosis" in out.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    sets = metrics["evaluation"]["sets"]
+    assert [sets[k]["kind"] for k in sets] == ["in-domain", "external"]
+    ext = sets["other-hospital"]
+    assert ext["n"] == 12 and ext["patient_level"]["patients"] == 6 and ext["ci_unit"] == "6 patients"
+    assert json.dumps(sets["in-domain test"]["metrics"]) == json.dumps(json.loads((tiny_run / "metrics.json").read_text())["test"])
+    card = json.loads((run / "model.json").read_text())
+    assert metrics["evaluation"]["calibration"] == card["calibration"] and "validation" in card["calibration"]["fitted_on"]
+    for item in ext["explain"]["gallery"]:
+        assert (run / item["file"]).is_file()
+    tsne = pd.read_csv(run / "tsne.csv")
+    assert set(tsne["set"]) == {"training part", "in-domain test", "other-hospital"} and "patient_id" not in tsne.columns
+
+    page = (run / "report.html").read_text()
+    for name, result in sets.items():  # every summary figure is the metrics.json value
+        row = re.search(rf"<td>{re.escape(name)}</td>.*?</tr>", page, re.S)
+        assert row is not None
+        assert f"{result['metrics']['auc']:.3f}" in row.group(0) or math.isnan(result["metrics"]["auc"])
+    dom = dump_dom((run / "report.html").as_uri(), tmp_path / "profile")
+    for section in ("intended-use", "summary", "provenance", "split", "details", "tsne", "training", "model-card"):
+        assert f'id="{section}"' in dom, section
+    assert "not a diagnosis" in dom and dom.count("data:image/png;base64,") == len(sets["in-domain test"]["explain"]["gallery"]) + len(ext["explain"]["gallery"])
+    assert "patient-" not in dom  # no patient IDs on the page
+
+
+def test_evaluate_refuses_labels_the_model_does_not_know(tiny_run: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "pneumonia.csv"
+    frame = index_folder(_external_manifest(tmp_path).parent / "other-hospital")
+    frame["label"] = "pneumonia"
+    frame.to_csv(bad, index=False)
+    out = subprocess.run([sys.executable, "-m", "covidscan.cli", "evaluate", str(tiny_run), str(bad)], capture_output=True, text=True)
+    assert out.returncode == 2 and "pneumonia" in out.stderr and "not among the model's classes" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -156,9 +156,10 @@ def train_command(
     config: Annotated[Optional[Path], typer.Option(help="YAML config (see src/covidscan/config.py for keys).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override, e.g. --set train.epochs=5 (repeatable).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Resume the run in this folder from its last checkpoint.")] = None,
+    external: Annotated[Optional[list[Path]], typer.Option(help="Also evaluate on this manifest of another data set (repeatable).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
-    """Fine-tune a pretrained backbone and evaluate it on the held-out test patients."""
+    """Fine-tune a pretrained backbone; evaluate on the held-out test patients and any --external data sets."""
     from covidscan.config import load_config
     from covidscan.data.manifest import load_manifest
     from covidscan.pipeline import train_run
@@ -180,11 +181,47 @@ def train_command(
         cfg = load_config(config, set_)
         frame = load_manifest(manifest)
         run_dir = out
-    metrics = train_run(frame, cfg, run_dir, resume=resume is not None, show_progress=not quiet, log=_log)
+    externals = _external_manifests(external or [])
+    metrics = train_run(frame, cfg, run_dir, resume=resume is not None, show_progress=not quiet, log=_log, externals=externals)
     from covidscan.train.distributed import env_rank
 
     if env_rank() == 0:
         _print_summary(metrics, run_dir)
+
+
+def _external_manifests(paths: list[Path]) -> dict[str, object]:
+    """name (the file's stem) -> manifest frame."""
+    from covidscan.data.manifest import load_manifest
+
+    out: dict[str, object] = {}
+    for path in paths:
+        if path.stem in out:
+            raise CovidscanError(f"{path}: two external manifests share the name {path.stem!r}; rename one")
+        out[path.stem] = load_manifest(path)
+    return out
+
+
+@app.command("evaluate")
+def evaluate_command(
+    run: Annotated[Path, typer.Argument(help="Run folder from `covidscan train` or `make demo`.")],
+    manifests: Annotated[Optional[list[Path]], typer.Argument(help="Manifests of external data sets (named after the file).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override evaluation settings, e.g. --set evaluate.cam_method=gradcam++.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Evaluate a trained model on its own test patients and on other data sets; rewrite its report.
+
+    Every external set is stored in RUN/external/ and re-evaluated each time, so the report shows them all.
+    """
+    from covidscan.config import load_config
+    from covidscan.evaluate.evaluation import evaluate_run
+
+    if not (run / "config.yaml").is_file() or not (run / "metrics.json").is_file():
+        raise CovidscanError(f"{run}: not a finished run folder (no config.yaml or metrics.json)")
+    cfg = load_config(run / "config.yaml", set_).evaluate
+    metrics = evaluate_run(run, _external_manifests(manifests or []), cfg, not quiet, _log)  # type: ignore[arg-type]
+    _log(f"report: {run / 'report.html'}   metrics: {run / 'metrics.json'}")
+    del metrics
+    console.print(DISCLAIMER, style="italic", markup=False)
 
 
 @app.command("cv")
@@ -231,6 +268,46 @@ def predict_command(
     console.print(DISCLAIMER, style="italic", markup=False)
 
 
+@app.command("export")
+def export_command(
+    run: Annotated[Path, typer.Argument(help="Run folder from `covidscan train` or `make demo`.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Bundle folder to write (default RUN/bundle).")] = None,
+    format_: Annotated[str, typer.Option("--format", help="Export format (onnx).")] = "onnx",
+) -> None:
+    """Export a run to an ONNX bundle (model.onnx, model.json, gate.npz) and check parity with PyTorch."""
+    from covidscan.export.onnx_export import export_run
+
+    if format_ != "onnx":
+        raise CovidscanError(f"unknown export format {format_!r}; only 'onnx' is supported")
+    if not (run / "model.json").is_file():
+        raise CovidscanError(f"{run}: not a run folder (no model.json)")
+    bundle = out or run / "bundle"
+    card = export_run(run, bundle)
+    parity = card["parity"]
+    assert isinstance(parity, dict)
+    shown = "; ".join(f"{k}: max |Δp| {v['max_abs_probability_diff']:.1e}, max |Δlogit| {v['max_abs_logit_diff']:.1e} on {v['images']} images" for k, v in parity.items())
+    _log(f"wrote {bundle}/model.onnx, model.json, gate.npz (parity with PyTorch: {shown})")
+    _log(f"serve it:  covidscan serve {bundle}")
+
+
+@app.command("serve")
+def serve_command(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder from `covidscan export` (or a run folder with a bundle/ inside).")],
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest request body accepted (413 above).")] = 50.0,
+    api_key: Annotated[Optional[str], typer.Option(help="Require this X-API-Key header (or set COVIDSCAN_API_KEY).")] = None,
+    cors_origin: Annotated[Optional[list[str]], typer.Option(help="Allow this browser origin (repeatable); CORS is off by default.")] = None,
+) -> None:
+    """Serve the web page and REST API for an exported model (ONNX Runtime; no torch)."""
+    from covidscan.serve.__main__ import run_server
+
+    if (bundle / "bundle" / "model.onnx").is_file():
+        bundle = bundle / "bundle"
+    _log(f"covidscan service on http://{host}:{port}/  (API docs: /docs)  {DISCLAIMER}")
+    run_server(str(bundle), host, port, max_upload_mb, api_key, cors_origin)
+
+
 @app.command("models")
 def models_command() -> None:
     """List the registered backbones, their input sizes and where their weights come from."""
@@ -273,10 +350,16 @@ def demo_command(
         shutil.rmtree(staging)
     save_manifest(frame, staging / "manifest-unsplit.csv")
     metrics = train_run(frame, cfg, staging, show_progress=not quiet, log=_log)
+    from covidscan.export.onnx_export import export_run
+
+    card = export_run(staging, staging / "bundle")
     publish_run_dir(staging, out)
     _print_summary(metrics, out)
+    parity = card["parity"]["real"]  # type: ignore[index]
+    _log(f"exported {out / 'bundle'} (ONNX; max |Δp| vs PyTorch {parity['max_abs_probability_diff']:.1e})")
     _log(f"demo finished in {time.perf_counter() - started:.0f} s")
     _log(f"try a prediction:  covidscan predict {out} {sorted(data.glob('COVID/*/*.png'))[0]}")
+    _log(f"serve the demo model (web page + REST API):  .venv/bin/covidscan serve {out / 'bundle'}   then open http://127.0.0.1:8000/")
     console.print(DISCLAIMER, style="italic", markup=False)
 
 

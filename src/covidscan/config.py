@@ -63,11 +63,28 @@ class TrainConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """How a run is evaluated: operating points and calibration come from the validation part only."""
+
+    target_sensitivity: float = 0.95  # screening operating point, chosen on validation; 0 = off
+    target_specificity: float = 0.95  # rule-in operating point, chosen on validation; 0 = off
+    calibrate: bool = True  # temperature scaling fitted on validation
+    aggregate: str = "mean"  # slices -> patient: mean | max | topk
+    top_k: int = 3
+    cam_method: str = "gradcam"  # gradcam | gradcam++ | xgradcam | layercam | eigencam | scorecam
+    gallery_per_cell: int = 3  # heat maps per TP/FP/TN/FN cell and data set
+    plausibility_images: int = 64  # images per data set for the lung-energy figure
+    tsne_points: int = 500  # per data set (and for the training part)
+    bootstrap: int = 1000
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -153,6 +170,13 @@ def validate_config(config: RunConfig) -> None:
             raise ConfigError(f"train.{name} must be at least 1")
     if config.train.lr <= 0:
         raise ConfigError("train.lr must be positive")
+    e = config.evaluate
+    if not (0.0 <= e.target_sensitivity < 1.0 and 0.0 <= e.target_specificity < 1.0):
+        raise ConfigError("evaluate.target_sensitivity and evaluate.target_specificity must be in [0, 1)")
+    if e.aggregate not in ("mean", "max", "topk"):
+        raise ConfigError(f"evaluate.aggregate must be mean, max or topk, got {e.aggregate!r}")
+    if e.cam_method not in ("gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "scorecam"):
+        raise ConfigError(f"evaluate.cam_method: unknown method {e.cam_method!r}")
 
 
 def packaged_config(name: str) -> Path:

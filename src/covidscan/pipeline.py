@@ -21,9 +21,7 @@ from covidscan.data.manifest import class_names, image_refs, save_manifest
 from covidscan.data.split import leakage_report, leakage_threshold, split_manifest
 from covidscan.data.transforms import Normaliser
 from covidscan.errors import DataError
-from covidscan.evaluate.metrics import binary_metrics
-from covidscan.evaluate.stats import bootstrap_ci
-from covidscan.evaluate.report import write_report
+from covidscan.evaluate.evaluation import evaluate_run, fit_calibration
 from covidscan.models.classifier import CovidClassifier
 from covidscan.models.embed import manifest_embeddings
 from covidscan.models.registry import get_backbone
@@ -80,8 +78,9 @@ def train_run(
     show_progress: bool = True,
     log: Callable[[str], None] = print,
     split_report: dict[str, object] | None = None,
+    externals: dict[str, pd.DataFrame] | None = None,
 ) -> dict[str, object]:
-    """Split (if needed), train, evaluate on the held-out test patients, write the run folder.
+    """Split (if needed), train, evaluate on the held-out test patients (and external sets), write the run folder.
 
     `split_report` (from `split_manifest`) skips re-measuring a split made just before.
     """
@@ -134,9 +133,9 @@ def train_run(
     if not result["ranks_agree"]:
         raise RuntimeError("DDP ranks ended with different weights")
 
-    test = parts["test"]
-    probs = predict_proba(model, test.images.to(device), normaliser, config.train.batch_size)
-    labels = test.labels.numpy()
+    val = parts["val"]
+    val_probs = predict_proba(model, val.images.to(device), normaliser, config.train.batch_size)
+    calibration = fit_calibration(val.labels.numpy(), val_probs, config.evaluate)
     metrics: dict[str, object] = {
         "covidscan_version": __version__,
         "decision_support": DISCLAIMER,
@@ -148,15 +147,8 @@ def train_run(
             "groups": {k: int(frame.loc[frame["split"] == k, "group"].astype(str).nunique()) for k in parts},
             "leakage_test": split_report["leakage_test"],
         },
-        "test": binary_metrics(labels == positive, probs[:, positive]) if len(classes) == 2 else {
-            "n": int(len(labels)), "accuracy": float((probs.argmax(1) == labels).mean())
-        },
-        "test_ci": bootstrap_ci(
-            labels == positive, probs[:, positive], frame.loc[frame["split"] == "test", "group"].astype(str).to_numpy(),
-            seed=config.split.seed,
-        ) if len(classes) == 2 else {},
+        "data": data_summary(frame),
         "training": {k: v for k, v in result.items() if k != "history"},
-        "wall_seconds": round(time.perf_counter() - started, 1),
     }
     card = {
         "backbone": spec.name,
@@ -167,8 +159,10 @@ def train_run(
         "dropout": config.model.dropout,
         "normalise": {"mean": normaliser.mean, "std": normaliser.std},
         "threshold": 0.5,
+        "calibration": calibration,
         "weights": "checkpoints/best.safetensors",
         "pretrained_from": model.weights_source,
+        "training_data": metrics["data"],
         "covidscan_version": __version__,
         "intended_use": DISCLAIMER,
     }
@@ -176,11 +170,28 @@ def train_run(
         return metrics
     atomic.write_json(run_dir / MODEL_CARD, card)
     atomic.write_json(run_dir / "metrics.json", metrics)
-    predictions = frame[frame["split"] == "test"][["path", "label", "patient_id"]].copy()
-    predictions["p_" + classes[positive]] = probs[:, positive]
-    atomic.write_with(run_dir / "test_predictions.csv", lambda tmp: predictions.to_csv(tmp, index=False))
-    write_report(run_dir / "report.html", metrics, result["history"], config)  # type: ignore[arg-type]
+    metrics = evaluate_run(run_dir, externals, config.evaluate, show_progress, log)
+    metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
+    atomic.write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def data_summary(frame: pd.DataFrame) -> dict[str, object]:
+    """Provenance without patient IDs: images and patients per source, class and split."""
+    counts = frame.groupby(["source", "label"]).size() if "source" in frame.columns else frame.groupby("label").size()
+    patients = frame.loc[frame["patient_id"].astype(str) != "", "patient_id"].astype(str).nunique()
+    summary: dict[str, object] = {
+        "images": int(len(frame)),
+        "patients_known": int(patients),
+        "images_without_patient_id": int((frame["patient_id"].astype(str) == "").sum()),
+        "by_source_and_class": {" / ".join(map(str, k)) if isinstance(k, tuple) else str(k): int(v) for k, v in counts.items()},
+    }
+    if "audit_flags" in frame.columns:
+        flags = frame["audit_flags"].astype(str)
+        summary["audit"] = {"flagged_images": int((flags != "").sum()), "checked": True}
+    else:
+        summary["audit"] = {"checked": False, "note": "manifest was not audited (run `covidscan audit`)"}
+    return summary
 
 
 def publish_run_dir(staging: Path, final: Path) -> Path:

@@ -41,6 +41,7 @@ class Predictor:
         self.classes: list[str] = list(self.card["classes"])
         self.size = int(self.card["image_size"])
         self.threshold = float(self.card.get("threshold", 0.5))
+        self.temperature = float((self.card.get("calibration") or {}).get("temperature", 1.0))
         self.normaliser = Normaliser(**self.card["normalise"])
         self.model = CovidClassifier(
             self.card["backbone"], len(self.classes), int(self.card["in_chans"]), float(self.card["dropout"]), weights="none"
@@ -50,9 +51,10 @@ class Predictor:
 
     @torch.no_grad()
     def probabilities(self, paths: list[str | Path]) -> np.ndarray:
+        """Class probabilities, temperature-scaled when the run was calibrated on validation data."""
         images = np.stack([load_resized(p, self.size)[None] for p in paths])
         batch = self.normaliser(to_float(torch.from_numpy(images)))
-        return self.model(batch).softmax(1).numpy()
+        return (self.model(batch) / self.temperature).softmax(1).numpy()
 
     def predict(self, paths: list[str | Path]) -> list[Prediction]:
         probs = self.probabilities(paths)

@@ -9,6 +9,7 @@ import hashlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -83,26 +84,27 @@ def _pil_to_gray(img: Image.Image) -> tuple[np.ndarray, int]:
     raise ImageReadError(img.filename if hasattr(img, "filename") else "?", f"unsupported image mode {mode!r}")
 
 
-def read_raster(path: Path, max_pixels: int = MAX_PIXELS) -> ImageData:
-    """Read a PNG/JPEG/BMP/TIFF file of any PIL mode."""
+def read_raster(path: Path | BinaryIO, max_pixels: int = MAX_PIXELS, name: str | None = None) -> ImageData:
+    """Read a PNG/JPEG/BMP/TIFF file (or file object) of any PIL mode."""
+    where = name or str(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 width, height = img.size
                 if width * height > max_pixels:
-                    raise ImageReadError(path, f"image of {width}x{height} px exceeds the limit of {max_pixels} px (decompression bomb?)")
+                    raise ImageReadError(where, f"image of {width}x{height} px exceeds the limit of {max_pixels} px (decompression bomb?)")
                 img.load()
                 fmt, mode = img.format, img.mode
                 pixels, bits = _pil_to_gray(img)
     except ImageReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageReadError(path, f"refused as a decompression bomb ({exc})") from None
+        raise ImageReadError(where, f"refused as a decompression bomb ({exc})") from None
     except UnidentifiedImageError:
-        raise ImageReadError(path, "not a readable image (unknown or corrupt format)") from None
+        raise ImageReadError(where, "not a readable image (unknown or corrupt format)") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(path, f"corrupt or truncated image ({exc})") from None
+        raise ImageReadError(where, f"corrupt or truncated image ({exc})") from None
     meta: dict[str, object] = {
         "format": fmt,
         "mode": mode,
@@ -126,7 +128,9 @@ def patient_key(patient_id: str) -> str:
     return f"pk-{digest[:16]}"
 
 
-def read_dicom(path: Path, frame: int | None = None, ct_window: tuple[float, float] = LUNG_WINDOW) -> ImageData:
+def read_dicom(
+    path: Path | BinaryIO, frame: int | None = None, ct_window: tuple[float, float] = LUNG_WINDOW, name: str | None = None
+) -> ImageData:
     """Read a DICOM image: modality LUT to HU, CT window or VOI LUT, MONOCHROME1 inverted.
 
     Only technical fields go into the metadata; the patient becomes a salted
@@ -136,24 +140,25 @@ def read_dicom(path: Path, frame: int | None = None, ct_window: tuple[float, flo
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+    where = name or str(path)
     try:
         ds = pydicom.dcmread(path)
         if "PixelData" not in ds:
-            raise ImageReadError(path, "DICOM file holds no pixel data")
+            raise ImageReadError(where, "DICOM file holds no pixel data")
         raw = ds.pixel_array
     except ImageReadError:
         raise
     except InvalidDicomError:
-        raise ImageReadError(path, "not a valid DICOM file") from None
+        raise ImageReadError(where, "not a valid DICOM file") from None
     except Exception as exc:  # pydicom raises many types for unsupported/corrupt pixel data
-        raise ImageReadError(path, f"cannot decode DICOM pixel data ({type(exc).__name__}: {exc})") from None
+        raise ImageReadError(where, f"cannot decode DICOM pixel data ({type(exc).__name__}: {exc})") from None
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     if frames > 1:
         if frame is None or not 0 <= frame < frames:
-            raise ImageReadError(path, f"multi-frame DICOM with {frames} frames needs a frame index in [0, {frames})")
+            raise ImageReadError(where, f"multi-frame DICOM with {frames} frames needs a frame index in [0, {frames})")
         raw = raw[frame]
     if raw.ndim != 2:
-        raise ImageReadError(path, f"expected a 2-D grayscale DICOM image, got shape {raw.shape}")
+        raise ImageReadError(where, f"expected a 2-D grayscale DICOM image, got shape {raw.shape}")
     modality = str(getattr(ds, "Modality", "") or "")
     values = apply_modality_lut(raw, ds).astype(np.float32)
     if modality == "CT":
@@ -192,32 +197,24 @@ def nifti_slice_count(path: str | Path) -> int:
     return int(image.shape[2])
 
 
-def read_nifti(path: Path, frame: int | None, ct_window: tuple[float, float] = LUNG_WINDOW) -> ImageData:
-    """One axial slice of a NIfTI volume (canonical RAS orientation, slices along the last axis).
-
-    Values that look like HU (minimum below -500) get the CT window; others
-    are scaled by the volume's 0.5-99.5 percentiles.
-    """
+def _nifti_volume(image: object, where: str) -> np.ndarray:
+    """The canonical (x, y, slice) float volume of a nibabel image."""
     import nibabel as nib
 
     try:
-        image = nib.as_closest_canonical(nib.load(str(path)))
-        shape = image.shape
+        image = nib.as_closest_canonical(image)
+        shape = image.shape  # type: ignore[attr-defined]
         if len(shape) == 2:
-            volume = np.asarray(image.dataobj, np.float32)[..., None]
-        elif len(shape) in (3, 4):
-            volume = np.asarray(image.dataobj, np.float32)
-            volume = volume[..., 0] if volume.ndim == 4 else volume
-        else:
-            raise ImageReadError(path, f"unsupported NIfTI shape {shape}")
-    except ImageReadError:
-        raise
+            return np.asarray(image.dataobj, np.float32)[..., None]  # type: ignore[attr-defined]
+        if len(shape) in (3, 4):
+            volume = np.asarray(image.dataobj, np.float32)  # type: ignore[attr-defined]
+            return volume[..., 0] if volume.ndim == 4 else volume
     except Exception as exc:
-        raise ImageReadError(path, f"not a readable NIfTI file ({exc})") from None
-    slices = volume.shape[2]
-    index = 0 if frame is None and slices == 1 else frame
-    if index is None or not 0 <= index < slices:
-        raise ImageReadError(path, f"NIfTI volume with {slices} slices needs a slice index in [0, {slices})")
+        raise ImageReadError(where, f"not a readable NIfTI file ({exc})") from None
+    raise ImageReadError(where, f"unsupported NIfTI shape {shape}")
+
+
+def _nifti_slice(volume: np.ndarray, index: int, bits: int, where: str, ct_window: tuple[float, float] = LUNG_WINDOW) -> ImageData:
     # Canonical RAS has x to the patient's right on axis 0; rotate so rows run anterior->posterior.
     values = np.rot90(volume[:, :, index]).astype(np.float32)
     if float(volume.min()) < -500:
@@ -227,9 +224,30 @@ def read_nifti(path: Path, frame: int | None, ct_window: tuple[float, float] = L
         pixels = np.clip((values - low) / (high - low), 0, 1) if high > low else np.zeros_like(values)
     meta: dict[str, object] = {
         "format": "NIfTI", "mode": str(volume.dtype), "width": int(values.shape[1]), "height": int(values.shape[0]),
-        "bit_depth": int(np.dtype(image.get_data_dtype()).itemsize * 8), "modality": "", "frames": slices,
+        "bit_depth": bits, "modality": "", "frames": int(volume.shape[2]),
     }
     return ImageData(pixels=pixels.astype(np.float32), meta=meta)
+
+
+def read_nifti(path: Path, frame: int | None, ct_window: tuple[float, float] = LUNG_WINDOW) -> ImageData:
+    """One axial slice of a NIfTI volume (canonical RAS orientation, slices along the last axis).
+
+    Values that look like HU (minimum below -500) get the CT window; others
+    are scaled by the volume's 0.5-99.5 percentiles.
+    """
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+        bits = int(np.dtype(image.get_data_dtype()).itemsize * 8)
+    except Exception as exc:
+        raise ImageReadError(path, f"not a readable NIfTI file ({exc})") from None
+    volume = _nifti_volume(image, str(path))
+    slices = volume.shape[2]
+    index = 0 if frame is None and slices == 1 else frame
+    if index is None or not 0 <= index < slices:
+        raise ImageReadError(path, f"NIfTI volume with {slices} slices needs a slice index in [0, {slices})")
+    return _nifti_slice(volume, index, bits, str(path), ct_window)
 
 
 def read_image(path: str | Path, frame: int | None = None, max_pixels: int = MAX_PIXELS) -> ImageData:
@@ -266,3 +284,78 @@ def resize_gray(pixels: np.ndarray, size: int) -> np.ndarray:
 def load_resized(path: str | Path, size: int, frame: int | None = None) -> np.ndarray:
     """Read an image and return it as uint8 size x size: the training cache format."""
     return resize_gray(read_image(path, frame).pixels, size)
+
+
+MAX_UPLOAD_SLICES = 1024
+MAX_UPLOAD_VOXELS = 64_000_000  # 256 MB as float32
+MAX_INFLATED_BYTES = 1_000_000_000  # a gzip'ed NIfTI may not inflate beyond this (gzip bomb)
+
+
+def _nifti_header_size(data: bytes) -> int:
+    """sizeof_hdr of a NIfTI-1 (348) or NIfTI-2 (540) header in either byte order, else 0."""
+    for order in ("little", "big"):
+        size = int.from_bytes(data[:4], order)  # type: ignore[arg-type]
+        if size in (348, 540):
+            return size
+    return 0
+
+
+def sniff_kind(data: bytes) -> str:
+    """'dicom', 'nifti', 'nifti.gz' or 'raster', from the bytes themselves (never a user-given name)."""
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    if data[:2] == b"\x1f\x8b":
+        return "nifti.gz"
+    if len(data) >= 348 and _nifti_header_size(data) in (348, 540):
+        return "nifti"
+    return "raster"
+
+
+def _gunzip(data: bytes, where: str) -> bytes:
+    import zlib
+
+    inflater = zlib.decompressobj(wbits=31)
+    try:
+        out = inflater.decompress(data, MAX_INFLATED_BYTES)
+    except zlib.error as exc:
+        raise ImageReadError(where, f"corrupt gzip data ({exc})") from None
+    if inflater.unconsumed_tail:
+        raise ImageReadError(where, f"gzip data inflates beyond {MAX_INFLATED_BYTES} bytes (decompression bomb?)")
+    return out
+
+
+def read_image_bytes(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXELS) -> list[ImageData]:
+    """Every slice/frame of an uploaded file, read in memory and recognised by content.
+
+    PNG/JPEG/BMP/TIFF give one image; a multi-frame DICOM or a NIfTI volume
+    gives one per slice. Errors name `name` (for messages only; never a path).
+    """
+    import io
+
+    if not data:
+        raise ImageReadError(name, "file is empty (0 bytes)")
+    kind = sniff_kind(data)
+    if kind == "dicom":
+        import pydicom
+
+        try:
+            frames = int(getattr(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True), "NumberOfFrames", 1) or 1)
+        except Exception:
+            raise ImageReadError(name, "not a valid DICOM file") from None
+        if frames > MAX_UPLOAD_SLICES:
+            raise ImageReadError(name, f"DICOM with {frames} frames exceeds the limit of {MAX_UPLOAD_SLICES}")
+        return [read_dicom(io.BytesIO(data), i if frames > 1 else None, name=name) for i in range(frames)]
+    if kind in ("nifti", "nifti.gz"):
+        import nibabel as nib
+
+        raw = _gunzip(data, name) if kind == "nifti.gz" else data
+        try:
+            image = (nib.Nifti2Image if _nifti_header_size(raw) == 540 else nib.Nifti1Image).from_bytes(raw)
+            bits = int(np.dtype(image.get_data_dtype()).itemsize * 8)
+        except Exception as exc:
+            raise ImageReadError(name, f"not a readable NIfTI file ({exc})") from None
+        volume = _nifti_volume(image, name)
+        if volume.shape[2] > MAX_UPLOAD_SLICES or volume.size > MAX_UPLOAD_VOXELS:
+            raise ImageReadError(name, f"NIfTI volume of shape {volume.shape} exceeds the upload limits")
+        return [_nifti_slice(volume, i, bits, name) for i in range(volume.shape[2])]
+    return [read_raster(io.BytesIO(data), max_pixels, name=name)]

@@ -9,7 +9,8 @@ import math
 import warnings
 
 import numpy as np
-from sklearn.metrics import average_precision_score, cohen_kappa_score, matthews_corrcoef, roc_auc_score
+from scipy.stats import rankdata
+from sklearn.metrics import cohen_kappa_score, matthews_corrcoef
 
 
 def _ratio(numerator: float, denominator: float) -> float:
@@ -28,18 +29,42 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, int]:
 
 
 def auc_roc(y_true: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with mid-ranks for ties; equals scikit-learn's)."""
     y_true = np.asarray(y_true).astype(int)
     if len(np.unique(y_true)) < 2:
         warnings.warn("AUC is undefined with one class present; returning NaN", RuntimeWarning, stacklevel=2)
         return math.nan
-    return float(roc_auc_score(y_true, score))
+    ranks = rankdata(np.asarray(score, float))
+    n_pos = int(y_true.sum())
+    n_neg = len(y_true) - n_pos
+    return float((ranks[y_true == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def auc_pr(y_true: np.ndarray, score: np.ndarray) -> float:
+    """Average precision (the step-wise area under the precision-recall curve, as scikit-learn defines it)."""
     y_true = np.asarray(y_true).astype(int)
     if len(np.unique(y_true)) < 2:
+        warnings.warn("AUC-PR is undefined with one class present; returning NaN", RuntimeWarning, stacklevel=2)
         return math.nan
-    return float(average_precision_score(y_true, score))
+    order = np.argsort(-np.asarray(score, float), kind="stable")
+    ranked_score, ranked_y = np.asarray(score, float)[order], y_true[order]
+    last_of_each_threshold = np.r_[np.flatnonzero(np.diff(ranked_score)), len(ranked_y) - 1]
+    tps = np.cumsum(ranked_y)[last_of_each_threshold]
+    fps = (last_of_each_threshold + 1) - tps
+    precision, recall = tps / (tps + fps), tps / ranked_y.sum()
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def _mcc(tp: int, fp: int, tn: int, fn: int) -> float:
+    denominator = math.sqrt(float(tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return float((tp * tn - fp * fn) / denominator) if denominator else 0.0  # scikit-learn's convention
+
+
+def _kappa(tp: int, fp: int, tn: int, fn: int) -> float:
+    n = tp + fp + tn + fn
+    observed = (tp + tn) / n
+    expected = ((tp + fp) * (tp + fn) + (fn + tn) * (fp + tn)) / n**2
+    return float((observed - expected) / (1 - expected)) if expected != 1 else math.nan
 
 
 def expected_calibration_error(y_true: np.ndarray, score: np.ndarray, bins: int = 10) -> float:
@@ -87,9 +112,44 @@ def binary_metrics(y_true: np.ndarray, score: np.ndarray, threshold: float = 0.5
         "fdr": _ratio(fp, fp + tp),
         "auc": auc_roc(y_true, score),
         "auc_pr": auc_pr(y_true, score),
-        "mcc": float(matthews_corrcoef(y_true, pred)) if both else math.nan,
-        "kappa": float(cohen_kappa_score(y_true, pred)) if both else math.nan,
+        "mcc": _mcc(tp, fp, tn, fn) if both else math.nan,
+        "kappa": _kappa(tp, fp, tn, fn) if both else math.nan,
         "brier": float(np.mean((score - y_true) ** 2)) if len(y_true) else math.nan,
         "ece": expected_calibration_error(y_true, score),
         **counts,
     }
+
+
+MULTICLASS_AVERAGED = ("precision", "sensitivity", "specificity", "f1", "auc")
+
+
+def multiclass_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, object]:
+    """One-vs-rest binary metrics per class (argmax decision), with macro and support-weighted means."""
+    y_true, probs = np.asarray(y_true).astype(int), np.asarray(probs, float)
+    pred = probs.argmax(1)
+    per_class: dict[str, dict[str, float | int]] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for index, name in enumerate(classes):
+            # Thresholding at 0.5 is not the argmax rule, so the counts come from the argmax decision.
+            row = binary_metrics(y_true == index, probs[:, index])
+            row.update(confusion(y_true == index, pred == index))
+            tp, fp, tn, fn = row["tp"], row["fp"], row["tn"], row["fn"]
+            row.update(precision=_ratio(tp, tp + fp), sensitivity=_ratio(tp, tp + fn), specificity=_ratio(tn, tn + fp),
+                       f1=_ratio(2 * tp, 2 * tp + fp + fn))
+            per_class[name] = row
+    support = np.array([(y_true == i).sum() for i in range(len(classes))], float)
+    out: dict[str, object] = {
+        "n": int(len(y_true)),
+        "accuracy": _ratio(int((pred == y_true).sum()), len(y_true)),
+        "kappa": float(cohen_kappa_score(y_true, pred)) if len(y_true) else math.nan,
+        "mcc": float(matthews_corrcoef(y_true, pred)) if len(y_true) else math.nan,
+        "per_class": per_class,
+    }
+    for name in MULTICLASS_AVERAGED:
+        values = np.array([float(per_class[c][name]) for c in classes])
+        finite = ~np.isnan(values)
+        out[f"macro_{name}"] = float(values[finite].mean()) if finite.any() else math.nan
+        weights = support[finite]
+        out[f"weighted_{name}"] = float((values[finite] * weights).sum() / weights.sum()) if weights.sum() else math.nan
+    return out

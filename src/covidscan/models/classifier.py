@@ -79,6 +79,7 @@ class CovidClassifier(nn.Module):
         backbone.reset_classifier(0, global_pool="")
         _adapt_first_conv(backbone, in_chans)
         self.backbone = backbone
+        self.feature_map = nn.Identity()  # a named tap on the head's input, for CAMs of unregistered backbones
         self.in_chans = in_chans
         self.num_features = int(backbone.num_features)
         self.dropout = nn.Dropout(dropout)
@@ -87,7 +88,11 @@ class CovidClassifier(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last feature map (N, C, h, w): the head's input and the CAM layer."""
-        return self.backbone.forward_features(x)
+        return self.feature_map(self.backbone.forward_features(x))
+
+    def cam_target_layer(self) -> nn.Module:
+        """The registered Grad-CAM layer, or the head's input when none is registered."""
+        return _get_module(self.backbone, self.spec.cam_layer) if self.spec.cam_layer else self.feature_map
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return head_forward(self.dropout, self.head, features)

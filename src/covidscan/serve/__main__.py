@@ -1,0 +1,39 @@
+"""`python -m covidscan.serve BUNDLE`: the service without the training stack (what the Docker image runs)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from covidscan.errors import CovidscanError
+
+
+def run_server(bundle: str, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 50.0,
+               api_key: str | None = None, cors_origins: list[str] | None = None, threads: int = 0, workers: int = 1) -> None:
+    import uvicorn
+
+    from covidscan.serve.app import create_app
+
+    app = create_app(bundle, max_upload_mb, api_key or os.environ.get("COVIDSCAN_API_KEY") or None, cors_origins, threads)
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, workers=workers)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m covidscan.serve", description="Serve an exported covidscan bundle.")
+    parser.add_argument("bundle", help="folder written by `covidscan export`")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-upload-mb", type=float, default=50.0)
+    parser.add_argument("--api-key", default=None, help="require this X-API-Key (or set COVIDSCAN_API_KEY)")
+    parser.add_argument("--cors-origin", action="append", default=None, help="allow this browser origin (repeatable); off by default")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: all cores)")
+    args = parser.parse_args()
+    try:
+        run_server(args.bundle, args.host, args.port, args.max_upload_mb, args.api_key, args.cors_origin, args.threads)
+    except CovidscanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Torch-free inference on an exported bundle: ONNX Runtime, numpy and Pillow only.
+
+One `Bundle` answers for a list of gray images: probabilities (temperature-
+scaled), the label at the bundle's threshold, a class activation map from
+the exported feature map, and the input gate's verdict.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from covidscan import DISCLAIMER
+from covidscan.data.io import resize_gray
+from covidscan.errors import CovidscanError
+
+BUNDLE_FILES = ("model.json", "model.onnx", "gate.npz")
+
+
+@dataclass
+class SliceResult:
+    probabilities: dict[str, float]
+    label: str
+    in_distribution: bool
+    gate_similarity: float
+    heatmap: np.ndarray | None = None  # (S, S) in [0, 1]
+    image: np.ndarray | None = field(default=None, repr=False)  # resized uint8 (S, S)
+
+
+class Bundle:
+    """An exported model folder: model.onnx + model.json + gate.npz."""
+
+    def __init__(self, folder: str | Path, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        self.folder = Path(folder)
+        missing = [name for name in BUNDLE_FILES if not (self.folder / name).is_file()]
+        if missing:
+            raise CovidscanError(f"{self.folder}: not a model bundle (missing {', '.join(missing)}); make one with `covidscan export RUN`")
+        try:
+            self.card = json.loads((self.folder / "model.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise CovidscanError(f"{self.folder / 'model.json'}: not valid JSON ({exc})") from None
+        self.classes: list[str] = list(self.card["classes"])
+        self.size = int(self.card["image_size"])
+        self.threshold = float(self.card.get("threshold", 0.5))
+        self.temperature = float((self.card.get("calibration") or {}).get("temperature", 1.0))
+        self.cam_weights = np.asarray(self.card["cam"]["weights"], np.float32)  # (classes, channels)
+        self.gate_threshold = float(self.card["gate"]["threshold"])
+        self.reference = np.load(self.folder / "gate.npz")["reference"].astype(np.float32)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(self.folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+
+    @property
+    def version(self) -> str:
+        return f"{self.card.get('backbone')}-{self.card.get('covidscan_version')}"
+
+    def describe(self) -> dict[str, object]:
+        """What GET /model returns: no weights, no patient data."""
+        calibration = self.card.get("calibration") or {}
+        return {
+            "version": self.version,
+            "backbone": self.card.get("backbone"),
+            "classes": self.classes,
+            "positive_class": self.card.get("positive_class"),
+            "image_size": self.size,
+            "threshold": self.threshold,
+            "operating_points": calibration.get("operating_points", {"default": 0.5}),
+            "temperature": self.temperature,
+            "training_data": self.card.get("training_data", {}),
+            "intended_use": DISCLAIMER,
+        }
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 1, S, S) float32 in [0, 1] -> (probabilities (N, C), feature maps (N, C', h, w))."""
+        logits, features = self.session.run(None, {"images": batch})
+        scaled = logits / self.temperature
+        scaled -= scaled.max(axis=1, keepdims=True)
+        probs = np.exp(scaled)
+        return probs / probs.sum(axis=1, keepdims=True), features
+
+    def cam(self, features: np.ndarray, target: int) -> np.ndarray:
+        """ReLU(sum_c w_c F_c), min-max scaled per image, upsampled to the input size."""
+        from covidscan.explain.overlay import resize_heat
+
+        maps = np.maximum(np.einsum("c,nchw->nhw", self.cam_weights[target], features), 0.0)
+        out = []
+        for m in maps:
+            m = m - m.min()
+            m = m / (m.max() + 1e-7)
+            out.append(resize_heat(m, self.size, self.size))
+        return np.stack(out) if out else np.zeros((0, self.size, self.size), np.float32)
+
+    def gate(self, features: np.ndarray) -> np.ndarray:
+        """Nearest-neighbour cosine similarity of each image's embedding to the training reference."""
+        pooled = features.mean(axis=(2, 3))
+        pooled /= np.linalg.norm(pooled, axis=1, keepdims=True) + 1e-12
+        return (pooled @ self.reference.T).max(axis=1)
+
+    def analyse(self, images: list[np.ndarray], heatmaps: bool = True, batch_size: int = 32) -> list[SliceResult]:
+        """Gray float images in [0, 1] of any size -> one result per image."""
+        resized = np.stack([resize_gray(np.asarray(img, np.float32), self.size) for img in images]) if images else np.zeros((0, self.size, self.size), np.uint8)
+        results: list[SliceResult] = []
+        positive = len(self.classes) - 1
+        for start in range(0, len(resized), batch_size):
+            chunk = resized[start : start + batch_size]
+            probs, features = self.run((chunk[:, None].astype(np.float32) / 255.0))
+            similarity = self.gate(features)
+            maps = self.cam(features, positive) if heatmaps else [None] * len(chunk)
+            for image, p, s, heat in zip(chunk, probs, similarity, maps):
+                if len(self.classes) == 2:
+                    label = self.classes[1] if p[1] >= self.threshold else self.classes[0]
+                else:
+                    label = self.classes[int(p.argmax())]
+                results.append(SliceResult(
+                    probabilities={c: float(v) for c, v in zip(self.classes, p)}, label=label,
+                    in_distribution=bool(s >= self.gate_threshold), gate_similarity=float(s), heatmap=heat, image=image,
+                ))
+        return results
+
+
+def timed(function, *args, **kwargs):  # type: ignore[no-untyped-def]
+    """(result, milliseconds)."""
+    started = time.perf_counter()
+    result = function(*args, **kwargs)
+    return result, (time.perf_counter() - started) * 1000.0
