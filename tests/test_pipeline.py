@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from covidscan.config import load_config
@@ -123,3 +124,24 @@ def test_evaluate_refuses_labels_the_model_does_not_know(tiny_run: Path, tmp_pat
     out = subprocess.run([sys.executable, "-m", "covidscan.cli", "evaluate", str(tiny_run), str(bad)], capture_output=True, text=True)
     assert out.returncode == 2 and "pneumonia" in out.stderr and "not among the model's classes" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_compare_two_runs_and_test_time_augmentation(tiny_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import pandas as pd
+
+    same = subprocess.run([sys.executable, "-m", "covidscan.cli", "compare", str(tiny_run), str(tiny_run)], capture_output=True, text=True)
+    assert same.returncode == 0, same.stderr
+    assert "only A right 0, only B right 0, p = 1" in same.stdout and "difference +0.000" in same.stdout
+    run = tmp_path / "tta"
+    shutil.copytree(tiny_run, run)
+    out = subprocess.run([sys.executable, "-m", "covidscan.cli", "evaluate", str(run), "--set", "evaluate.tta=true", "--quiet"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert json.loads((run / "metrics.json").read_text())["evaluation"]["tta"] is True
+    plain = pd.read_csv(tiny_run / "predictions" / "in-domain-test.csv")["p_COVID"].to_numpy()
+    mirrored = pd.read_csv(run / "predictions" / "in-domain-test.csv")["p_COVID"].to_numpy()
+    assert len(plain) == len(mirrored) and not np.allclose(plain, mirrored)
+    missing = subprocess.run([sys.executable, "-m", "covidscan.cli", "compare", str(tiny_run), str(run), "--on", "nowhere"], capture_output=True, text=True)
+    assert missing.returncode == 2 and "in-domain-test" in missing.stderr

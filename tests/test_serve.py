@@ -52,10 +52,10 @@ def test_export_writes_a_bundle_with_measured_parity(tiny_bundle: Path) -> None:
         assert card["parity"][kind]["max_abs_feature_diff"] < 1e-3
     assert card["parity"]["real"]["images"] > 0
     session = ort.InferenceSession(str(tiny_bundle / "model.onnx"), providers=["CPUExecutionProvider"])
-    assert [o.name for o in session.get_outputs()] == ["logits", "features"]
-    logits, features = session.run(None, {"images": np.zeros((3, 1, 48, 48), np.float32)})
-    assert logits.shape == (3, 2) and features.shape[:2] == (3, np.asarray(card["cam"]["weights"]).shape[1])
-    assert card["gate"]["threshold"] < card["gate"]["validation_min_similarity"]
+    assert [o.name for o in session.get_outputs()] == ["logits", "features", "gate_features"]
+    logits, features, gate = session.run(None, {"images": np.zeros((3, 1, 48, 48), np.float32)})
+    assert logits.shape == (3, 2) and features.shape[:2] == (3, np.asarray(card["cam"]["weights"]).shape[1]) and gate.shape[0] == 3
+    assert card["gate"]["threshold"] > 0 and card["gate"]["validation_images"] > 0
 
 
 def test_service_never_imports_torch(tiny_bundle: Path, tiny_run: Path) -> None:

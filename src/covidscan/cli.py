@@ -224,6 +224,32 @@ def evaluate_command(
     console.print(DISCLAIMER, style="italic", markup=False)
 
 
+@app.command("compare")
+def compare_command(
+    run_a: Annotated[Path, typer.Argument(help="First run folder.")],
+    run_b: Annotated[Path, typer.Argument(help="Second run folder.")],
+    on: Annotated[str, typer.Option(help="Evaluation set both runs predicted: 'in-domain-test' or an external set's name.")] = "in-domain-test",
+) -> None:
+    """Compare two models on the same images: McNemar's test (decisions) and DeLong's test (AUC)."""
+    import pandas as pd
+
+    from covidscan.evaluate.evaluation import compare_predictions
+
+    frames = []
+    for run in (run_a, run_b):
+        path = run / "predictions" / f"{on}.csv"
+        if not path.is_file():
+            raise CovidscanError(f"{path}: no predictions for {on!r}; run `covidscan evaluate {run}` (sets: "
+                                 f"{', '.join(sorted(p.stem for p in (run / 'predictions').glob('*.csv'))) or 'none'})")
+        frames.append(pd.read_csv(path, keep_default_na=False))
+    column = [c for c in frames[0].columns if c.startswith("p_")][0]
+    result = compare_predictions(frames[0], frames[1], column)
+    m, d = result["mcnemar"], result["delong"]
+    _log(f"{result['images']} images of {on}:")
+    _log(f"  McNemar ({m['method']}): only A right {m['only_a_correct']}, only B right {m['only_b_correct']}, p = {m['p_value']:.4g}")  # type: ignore[index]
+    _log(f"  DeLong: AUC A {d['auc_a']:.3f}, AUC B {d['auc_b']:.3f}, difference {d['difference']:+.3f}, p = {d['p_value']:.4g}")  # type: ignore[index]
+
+
 @app.command("cv")
 def cv_command(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV (with a 'fold' column, or folds are made as configured).")],

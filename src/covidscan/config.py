@@ -76,6 +76,7 @@ class EvaluateConfig:
     plausibility_images: int = 64  # images per data set for the lung-energy figure
     tsne_points: int = 500  # per data set (and for the training part)
     bootstrap: int = 1000
+    tta: bool = False  # test-time augmentation: average with the left-right mirror
 
 
 @dataclass

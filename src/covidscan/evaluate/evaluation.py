@@ -234,7 +234,7 @@ def evaluate_run(
     metrics = json.loads((run_dir / "metrics.json").read_text())
     calibration = predictor.card.get("calibration") or {"temperature": 1.0, "operating_points": {"default": 0.5}}
     model, normaliser = predictor.model, predictor.normaliser
-    evaluation: dict[str, object] = {"calibration": calibration, "sets": {}}
+    evaluation: dict[str, object] = {"calibration": calibration, "tta": cfg.tta, "sets": {}}
     embeddings, tsne_rows = [], []
     rng = np.random.default_rng(seed)
     train_rows = frame[frame["split"] == "train"]
@@ -243,14 +243,17 @@ def evaluate_run(
         images = load_image_array(image_refs(part), predictor.size, f"loading {name}", show)
         if name != "training part":
             probs = predict_proba(model, torch.from_numpy(images), normaliser, 64)
+            if cfg.tta:  # test-time augmentation: mean of the image and its left-right mirror
+                probs = (probs + predict_proba(model, torch.from_numpy(images[..., ::-1].copy()), normaliser, 64)) / 2
             result = score_set(part, probs, classes, calibration, cfg, seed)
             if len(classes) == 2:
                 y = np.array([str(v) == classes[1] for v in part["label"]])
                 score = apply_temperature(probs, float(calibration["temperature"]))[:, 1]
                 result["explain"] = explain_set(model, normaliser, images, y, score, part, cfg, run_dir / "heatmaps" / slug(name), seed)
+                predictions = part[["path", "slice_index", "label", "patient_id"]].copy()
+                predictions["p_" + classes[1]] = score
+                atomic.write_with(run_dir / "predictions" / f"{slug(name)}.csv", lambda tmp: predictions.to_csv(tmp, index=False))
                 if name == IN_DOMAIN:
-                    predictions = part[["path", "label", "patient_id"]].copy()
-                    predictions["p_" + classes[1]] = score
                     atomic.write_with(run_dir / "test_predictions.csv", lambda tmp: predictions.to_csv(tmp, index=False))
             result["kind"] = "in-domain" if name == IN_DOMAIN else "external"
             result["sources"] = sorted(part["source"].astype(str).unique()) if "source" in part.columns else []
@@ -271,3 +274,22 @@ def evaluate_run(
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines() if line.strip()] if (run_dir / "history.jsonl").is_file() else []
     write_report(run_dir / "report.html", metrics, history, config, run_dir)
     return metrics
+
+
+def compare_predictions(a: pd.DataFrame, b: pd.DataFrame, positive_column: str) -> dict[str, object]:
+    """McNemar (decisions at 0.5) and DeLong (AUC) tests of two models on the same images."""
+    from covidscan.evaluate.stats import delong_test, mcnemar_test
+
+    keys = ["path", "slice_index"] if "slice_index" in a.columns and "slice_index" in b.columns else ["path"]
+    joined = a.merge(b, on=keys, suffixes=("_a", "_b"))
+    if joined.empty:
+        raise DataError("predictions", "the two runs share no evaluated image; compare runs evaluated on the same data set")
+    if (joined["label_a"].astype(str) != joined["label_b"].astype(str)).any():
+        raise DataError("predictions", "the two runs label the same images differently")
+    y = (joined["label_a"].astype(str) == positive_column.removeprefix("p_")).to_numpy()
+    score_a, score_b = joined[positive_column + "_a"].to_numpy(float), joined[positive_column + "_b"].to_numpy(float)
+    return {
+        "images": int(len(joined)),
+        "mcnemar": mcnemar_test(y, score_a >= 0.5, score_b >= 0.5),
+        "delong": delong_test(y, score_a, score_b),
+    }

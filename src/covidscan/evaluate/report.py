@@ -235,6 +235,19 @@ def write_report(
         for name, r in sets.items()
     )
     externals = [n for n, r in sets.items() if r.get("kind") == "external"]
+    verdicts = []
+    home = next((r for r in sets.values() if r.get("kind") == "in-domain"), None)
+    for name in externals:
+        m, ci = sets[name]["metrics"], sets[name].get("ci", {})
+        if home is None or "auc" not in m:  # type: ignore[operator]
+            continue
+        auc, home_auc = float(m["auc"]), float(home["metrics"]["auc"])  # type: ignore[index]
+        chance = isinstance(ci, dict) and "auc" in ci and ci["auc"]["low"] <= 0.5 <= ci["auc"]["high"]
+        verdicts.append(
+            f"On <strong>{_e(name)}</strong> the AUC is {_fmt(auc)} against {_fmt(home_auc)} in-domain "
+            f"({(auc - home_auc) * 100:+.1f} points)" + ("; its 95% CI includes 0.5: <strong>no better than chance</strong> on these images." if chance else ".")
+        )
+    verdict_html = f'<p class="warn">{" ".join(verdicts)}</p>' if verdicts else ""
     data = metrics.get("data", {})
     assert isinstance(data, dict)
     provenance = "".join(f"<tr><td>{_e(k)}</td><td>{v}</td></tr>" for k, v in data.get("by_source_and_class", {}).items())
@@ -263,6 +276,7 @@ def write_report(
 In-domain figures are measured on held-out patients of the training data set; external figures on data sets the model never saw.</p>
 <section id="summary"><h2>Results: in-domain vs external</h2>
 <table><tr><th>Evaluation set</th><th>Kind</th><th>Images</th>{"".join(f"<th>{k}</th>" for k in SUMMARY_KEYS)}</tr>{summary_rows}</table>
+{verdict_html}
 <p>Default threshold 0.5 (stated, not tuned); 95% bootstrap CIs under each value.
 Probabilities are temperature-scaled (T = {_fmt(calibration.get('temperature', 1.0))}, fitted on the validation part).</p></section>
 <section id="provenance"><h2>Data provenance</h2><p>{data.get('images', '?')} images, {data.get('patients_known', '?')} known patients,

@@ -18,30 +18,42 @@ from torch import nn
 
 from covidscan import DISCLAIMER, __version__, atomic
 from covidscan.errors import CovidscanError
-from covidscan.models.classifier import CovidClassifier
+from covidscan.models.classifier import CovidClassifier, _get_module
 
 BUNDLE_FORMAT = "covidscan-onnx-bundle/1"
 OPSET = 18
 
 
 class ExportWrapper(nn.Module):
-    """[0, 1] gray input -> (logits, feature map); normalisation inside the graph."""
+    """[0, 1] gray input -> (logits, feature map, gate statistics); normalisation inside the graph.
+
+    Gate statistics: per-channel mean and standard deviation of the second-deepest
+    feature stage, log-compressed; the service's input gate measures how far they
+    lie from the training images'.
+    """
 
     def __init__(self, model: CovidClassifier, mean: float, std: float) -> None:
         super().__init__()
         self.model, self.mean, self.std = model, mean, std
+        name = model.gate_layer_name()
+        self.gate_module = _get_module(model.backbone, name) if name else model.feature_map
+        self._captured: list[torch.Tensor] = []
+        self.gate_module.register_forward_hook(lambda module, args, output: self._captured.append(output))
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self._captured.clear()
         features = self.model.forward_features((images - self.mean) / self.std)
-        return self.model.forward_head(features), features
+        middle = self._captured[-1].float()
+        stats = torch.cat([middle.mean(dim=(2, 3)), middle.flatten(2).std(dim=2)], dim=1)
+        return self.model.forward_head(features), features, torch.log1p(stats.abs())
 
 
 def _export_graph(wrapper: ExportWrapper, size: int, path: Path) -> None:
     example = torch.rand(2, 1, size, size)
     with atomic.atomic_path(path) as tmp:
         torch.onnx.export(
-            wrapper, (example,), str(tmp), input_names=["images"], output_names=["logits", "features"],
-            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}},
+            wrapper, (example,), str(tmp), input_names=["images"], output_names=["logits", "features", "gate_features"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}, "gate_features": {0: "batch"}},
             opset_version=OPSET, dynamo=False,
         )
 
@@ -51,9 +63,9 @@ def parity(wrapper: ExportWrapper, onnx_path: Path, inputs: np.ndarray) -> dict[
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    logits, features = session.run(None, {"images": inputs.astype(np.float32)})
+    logits, features, _ = session.run(None, {"images": inputs.astype(np.float32)})
     with torch.no_grad():
-        ref_logits, ref_features = wrapper(torch.from_numpy(inputs.astype(np.float32)))
+        ref_logits, ref_features, _ = wrapper(torch.from_numpy(inputs.astype(np.float32)))
     ref_probs, probs = ref_logits.softmax(1).numpy(), torch.from_numpy(logits).softmax(1).numpy()
     return {
         "images": int(len(inputs)),
@@ -63,69 +75,89 @@ def parity(wrapper: ExportWrapper, onnx_path: Path, inputs: np.ndarray) -> dict[
     }
 
 
-def gate_reference(model: CovidClassifier, wrapper: ExportWrapper, train: np.ndarray, val: np.ndarray, quantile: float = 0.005) -> dict[str, object]:
-    """The input gate: nearest-neighbour cosine similarity of an image's embedding to training images.
+GATE_QUANTILE = 0.995  # of validation distances: ~0.5 % of real unseen scans are refused
+GATE_MAX_DIMS = 256
 
-    The refusal threshold is a low quantile of the similarity of *validation*
-    images (unseen patients of the same kind) to the training reference, so
-    real scans pass and photographs, documents or other body parts do not.
+
+def gate_reference(wrapper: ExportWrapper, train: np.ndarray, val: np.ndarray) -> dict[str, np.ndarray | float]:
+    """The input gate: Mahalanobis distance of an image's gate statistics from the training images'.
+
+    Fitted on training images (Ledoit-Wolf shrinkage covariance, after PCA when
+    there are many channels); the refusal threshold is the 99.5th percentile
+    of the distances of *validation* images, i.e. unseen patients of the same kind.
     """
-    def embed(images: np.ndarray) -> np.ndarray:
+    from sklearn.covariance import LedoitWolf
+    from sklearn.decomposition import PCA
+
+    def stats(images: np.ndarray) -> np.ndarray:
         out = []
         with torch.no_grad():
             for start in range(0, len(images), 64):
-                _, features = wrapper(torch.from_numpy(images[start : start + 64]))
-                out.append(nn.functional.normalize(features.mean(dim=(2, 3)), dim=1).numpy())
-        return np.concatenate(out) if out else np.zeros((0, model.num_features), np.float32)
+                out.append(wrapper(torch.from_numpy(images[start : start + 64]))[2].numpy())
+        return np.concatenate(out).astype(np.float64)
 
-    reference, held_out = embed(train), embed(val)
-    similarity = (held_out @ reference.T).max(axis=1)
-    threshold = float(np.quantile(similarity, quantile)) - 0.02  # a small margin below the lowest real images
-    return {"reference": reference.astype(np.float16), "threshold": threshold, "val_similarity": similarity}
+    train_stats, val_stats = stats(train), stats(val)
+    dims = min(train_stats.shape[1], GATE_MAX_DIMS, max(1, len(train_stats) - 1))
+    pca = PCA(dims, random_state=0).fit(train_stats)
+    projection, center = pca.components_, pca.mean_
+    covariance = LedoitWolf().fit((train_stats - center) @ projection.T)
+    reference = {"center": center, "projection": projection, "location": covariance.location_, "precision": covariance.precision_}
+    distances = gate_distance(reference, val_stats)
+    return {**reference, "threshold": float(np.quantile(distances, GATE_QUANTILE)), "val_distances": distances}
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, gate_images: int = 1024) -> dict[str, object]:
-    """Write OUT/model.onnx, OUT/model.json and OUT/gate.npz; return the bundle card."""
-    from covidscan.data.manifest import image_refs, load_manifest
-    from covidscan.pipeline import load_image_array
-    from covidscan.predict import Predictor
+def gate_distance(reference: dict[str, np.ndarray], gate_features: np.ndarray) -> np.ndarray:
+    """Mahalanobis distance of gate statistics (N, D) from the training reference (what the service computes too)."""
+    z = (np.asarray(gate_features, np.float64) - reference["center"]) @ reference["projection"].T - reference["location"]
+    return np.sqrt(np.maximum(np.einsum("nd,de,ne->n", z, reference["precision"], z), 0.0))
 
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    predictor = Predictor(run_dir)
-    model = predictor.model.eval()
-    wrapper = ExportWrapper(model, predictor.normaliser.mean, predictor.normaliser.std).eval()
+
+def export_model(
+    model: CovidClassifier,
+    mean: float,
+    std: float,
+    size: int,
+    card: dict[str, object],
+    out_dir: str | Path,
+    real_images: np.ndarray,
+    gate_train: np.ndarray,
+    gate_val: np.ndarray,
+) -> dict[str, object]:
+    """Write OUT/model.onnx, model.json and gate.npz for a model; images are float32 (N, 1, S, S) in [0, 1].
+
+    Written into a staging folder and swapped in, so a failed export never
+    leaves half a bundle. Refuses when ONNX Runtime disagrees with PyTorch.
+    """
+    out_dir = Path(out_dir)
+    model = model.eval()
+    wrapper = ExportWrapper(model, mean, std).eval()
     staging = out_dir.with_name(f".{out_dir.name}.staging")
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    _export_graph(wrapper, predictor.size, staging / "model.onnx")
-
-    frame = load_manifest(run_dir / "manifest.csv")
-    rng = np.random.default_rng(0)
-
-    def images_of(split: str, limit: int) -> np.ndarray:
-        rows = frame[frame["split"] == split]
-        rows = rows.iloc[np.sort(rng.choice(len(rows), min(limit, len(rows)), replace=False))]
-        return load_image_array(image_refs(rows), predictor.size, f"loading {split} images", False).astype(np.float32) / 255.0
-
-    real = images_of("test", 16)
-    random_inputs = np.random.default_rng(1).random((4, 1, predictor.size, predictor.size), dtype=np.float32)
-    checks = {"random": parity(wrapper, staging / "model.onnx", random_inputs), "real": parity(wrapper, staging / "model.onnx", real)}
+    _export_graph(wrapper, size, staging / "model.onnx")
+    random_inputs = np.random.default_rng(1).random((4, 1, size, size), dtype=np.float32)
+    checks = {"random": parity(wrapper, staging / "model.onnx", random_inputs)}
+    if len(real_images):
+        checks["real"] = parity(wrapper, staging / "model.onnx", real_images)
     worst = max(c["max_abs_probability_diff"] for c in checks.values())
     if worst > 1e-3:
-        raise CovidscanError(f"{run_dir}: ONNX export disagrees with PyTorch (max probability difference {worst:.2e})")
-    gate = gate_reference(model, wrapper, images_of("train", gate_images), images_of("val", gate_images))
-    np.savez_compressed(staging / "gate.npz", reference=gate["reference"])
-    card = dict(predictor.card)
+        raise CovidscanError(f"{out_dir}: ONNX export disagrees with PyTorch (max probability difference {worst:.2e})")
+    gate = gate_reference(wrapper, gate_train, gate_val)
+    np.savez_compressed(staging / "gate.npz", **{k: np.asarray(gate[k], np.float32) for k in ("center", "projection", "location", "precision")})
+    card = dict(card)
     card.update({
         "format": BUNDLE_FORMAT,
         "onnx": "model.onnx",
-        "inputs": {"name": "images", "shape": ["batch", 1, predictor.size, predictor.size], "range": [0.0, 1.0],
+        "image_size": size,
+        "inputs": {"name": "images", "shape": ["batch", 1, size, size], "range": [0.0, 1.0],
                    "preprocessing": "grayscale, bilinear resize to size x size (no crop), scaled to [0, 1]; normalisation is inside the graph"},
-        "outputs": {"logits": "class scores (softmax(logits / temperature) = probabilities)", "features": "last feature map (CAM layer)"},
+        "outputs": {"logits": "class scores (softmax(logits / temperature) = probabilities)", "features": "last feature map (CAM layer)",
+                    "gate_features": f"log(1 + |mean, std|) per channel of '{model.gate_layer_name() or 'the last feature map'}' (input gate)"},
         "cam": {"weights": model.head.weight.detach().numpy().round(7).tolist(), "method": "CAM = Grad-CAM for the GAP-linear head"},
-        "gate": {"file": "gate.npz", "threshold": gate["threshold"], "reference_images": int(len(gate["reference"])),
-                 "validation_min_similarity": float(np.min(gate["val_similarity"])) if len(gate["val_similarity"]) else None},
+        "gate": {"file": "gate.npz", "method": "Mahalanobis distance of intermediate feature statistics (Ledoit-Wolf)",
+                 "threshold": gate["threshold"], "quantile_of_validation": GATE_QUANTILE, "reference_images": int(len(gate_train)),
+                 "validation_images": int(len(gate_val))},
         "parity": checks,
         "exported_with": f"covidscan {__version__}, torch {torch.__version__}",
         "intended_use": DISCLAIMER,
@@ -136,3 +168,25 @@ def export_run(run_dir: str | Path, out_dir: str | Path, gate_images: int = 1024
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
     return card
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, gate_images: int = 1024) -> dict[str, object]:
+    """Export a run folder's best model; parity on its test images, gate from its train/val images."""
+    from covidscan.data.manifest import image_refs, load_manifest
+    from covidscan.pipeline import load_image_array
+    from covidscan.predict import Predictor
+
+    run_dir = Path(run_dir)
+    predictor = Predictor(run_dir)
+    frame = load_manifest(run_dir / "manifest.csv")
+    rng = np.random.default_rng(0)
+
+    def images_of(split: str, limit: int) -> np.ndarray:
+        rows = frame[frame["split"] == split]
+        rows = rows.iloc[np.sort(rng.choice(len(rows), min(limit, len(rows)), replace=False))]
+        return load_image_array(image_refs(rows), predictor.size, f"loading {split} images", False).astype(np.float32) / 255.0
+
+    return export_model(
+        predictor.model, predictor.normaliser.mean, predictor.normaliser.std, predictor.size, predictor.card, out_dir,
+        images_of("test", 16), images_of("train", gate_images), images_of("val", gate_images),
+    )

@@ -90,6 +90,13 @@ class CovidClassifier(nn.Module):
         """The last feature map (N, C, h, w): the head's input and the CAM layer."""
         return self.feature_map(self.backbone.forward_features(x))
 
+    def gate_layer_name(self) -> str:
+        """The second-deepest feature stage (timm's feature_info): generic image statistics that
+        fine-tuning changes little, which is what an out-of-distribution check needs."""
+        info = getattr(self.backbone, "feature_info", None)
+        modules = [entry["module"] for entry in info] if info else []
+        return modules[-2] if len(modules) >= 2 else ""
+
     def cam_target_layer(self) -> nn.Module:
         """The registered Grad-CAM layer, or the head's input when none is registered."""
         return _get_module(self.backbone, self.spec.cam_layer) if self.spec.cam_layer else self.feature_map

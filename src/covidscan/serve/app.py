@@ -55,7 +55,7 @@ class SliceOut(BaseModel):
     label: str
     probabilities: dict[str, float]
     in_distribution: bool = Field(description="False: the input gate found this slice unlike the training images.")
-    gate_similarity: float
+    gate_distance: float = Field(description="Distance from the training images (Mahalanobis); refused above the bundle's threshold.")
     image_png: str | None = Field(None, description="What the model saw (resized gray), PNG base64.")
     heatmap_png: str | None = Field(None, description="Class activation map, RGBA PNG base64 (alpha = heat), same size.")
 
@@ -125,7 +125,7 @@ async def _never_receive() -> Message:
 
 
 def _b64png(array: np.ndarray) -> str:
-    return base64.b64encode(png_bytes(array)).decode("ascii")
+    return base64.b64encode(png_bytes(array, fast=True)).decode("ascii")
 
 
 def _heat_rgba(heat: np.ndarray) -> np.ndarray:
@@ -237,11 +237,11 @@ def create_app(
             if not volume and not results[0].in_distribution:
                 raise ApiError(422, "not a chest CT image", (
                     f"{name}: this image does not look like the chest CT slices the model was trained on "
-                    f"(similarity {results[0].gate_similarity:.2f} < {bundle.gate_threshold:.2f}); no prediction is given"))
+                    f"(distance {results[0].gate_distance:.1f} > {bundle.gate_threshold:.1f}); no prediction is given"))
             shown = set(np.argsort([-r.probabilities[bundle.classes[-1]] for r in results])[:HEATMAP_SLICES].tolist())
             slices = [
                 SliceOut(
-                    index=i, label=r.label, probabilities=r.probabilities, in_distribution=r.in_distribution, gate_similarity=r.gate_similarity,
+                    index=i, label=r.label, probabilities=r.probabilities, in_distribution=r.in_distribution, gate_distance=r.gate_distance,
                     image_png=_b64png(r.image) if heatmap and r.image is not None and i in shown else None,
                     heatmap_png=_b64png(_heat_rgba(r.heatmap)) if heatmap and r.heatmap is not None and i in shown else None,
                 )

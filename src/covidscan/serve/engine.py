@@ -25,7 +25,7 @@ class SliceResult:
     probabilities: dict[str, float]
     label: str
     in_distribution: bool
-    gate_similarity: float
+    gate_distance: float
     heatmap: np.ndarray | None = None  # (S, S) in [0, 1]
     image: np.ndarray | None = field(default=None, repr=False)  # resized uint8 (S, S)
 
@@ -50,7 +50,8 @@ class Bundle:
         self.temperature = float((self.card.get("calibration") or {}).get("temperature", 1.0))
         self.cam_weights = np.asarray(self.card["cam"]["weights"], np.float32)  # (classes, channels)
         self.gate_threshold = float(self.card["gate"]["threshold"])
-        self.reference = np.load(self.folder / "gate.npz")["reference"].astype(np.float32)
+        with np.load(self.folder / "gate.npz") as gate:
+            self.gate_reference = {k: gate[k].astype(np.float64) for k in ("center", "projection", "location", "precision")}
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -76,13 +77,13 @@ class Bundle:
             "intended_use": DISCLAIMER,
         }
 
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(N, 1, S, S) float32 in [0, 1] -> (probabilities (N, C), feature maps (N, C', h, w))."""
-        logits, features = self.session.run(None, {"images": batch})
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(N, 1, S, S) float32 in [0, 1] -> (probabilities (N, C), feature maps (N, C', h, w), gate statistics (N, D))."""
+        logits, features, gate_features = self.session.run(None, {"images": batch})
         scaled = logits / self.temperature
         scaled -= scaled.max(axis=1, keepdims=True)
         probs = np.exp(scaled)
-        return probs / probs.sum(axis=1, keepdims=True), features
+        return probs / probs.sum(axis=1, keepdims=True), features, gate_features
 
     def cam(self, features: np.ndarray, target: int) -> np.ndarray:
         """ReLU(sum_c w_c F_c), min-max scaled per image, upsampled to the input size."""
@@ -96,11 +97,11 @@ class Bundle:
             out.append(resize_heat(m, self.size, self.size))
         return np.stack(out) if out else np.zeros((0, self.size, self.size), np.float32)
 
-    def gate(self, features: np.ndarray) -> np.ndarray:
-        """Nearest-neighbour cosine similarity of each image's embedding to the training reference."""
-        pooled = features.mean(axis=(2, 3))
-        pooled /= np.linalg.norm(pooled, axis=1, keepdims=True) + 1e-12
-        return (pooled @ self.reference.T).max(axis=1)
+    def gate(self, gate_features: np.ndarray) -> np.ndarray:
+        """Mahalanobis distance of each image's intermediate feature statistics from the training images'."""
+        ref = self.gate_reference
+        z = (np.asarray(gate_features, np.float64) - ref["center"]) @ ref["projection"].T - ref["location"]
+        return np.sqrt(np.maximum(np.einsum("nd,de,ne->n", z, ref["precision"], z), 0.0))
 
     def analyse(self, images: list[np.ndarray], heatmaps: bool = True, batch_size: int = 32) -> list[SliceResult]:
         """Gray float images in [0, 1] of any size -> one result per image."""
@@ -109,17 +110,17 @@ class Bundle:
         positive = len(self.classes) - 1
         for start in range(0, len(resized), batch_size):
             chunk = resized[start : start + batch_size]
-            probs, features = self.run((chunk[:, None].astype(np.float32) / 255.0))
-            similarity = self.gate(features)
+            probs, features, gate_features = self.run((chunk[:, None].astype(np.float32) / 255.0))
+            distance = self.gate(gate_features)
             maps = self.cam(features, positive) if heatmaps else [None] * len(chunk)
-            for image, p, s, heat in zip(chunk, probs, similarity, maps):
+            for image, p, d, heat in zip(chunk, probs, distance, maps):
                 if len(self.classes) == 2:
                     label = self.classes[1] if p[1] >= self.threshold else self.classes[0]
                 else:
                     label = self.classes[int(p.argmax())]
                 results.append(SliceResult(
                     probabilities={c: float(v) for c, v in zip(self.classes, p)}, label=label,
-                    in_distribution=bool(s >= self.gate_threshold), gate_similarity=float(s), heatmap=heat, image=image,
+                    in_distribution=bool(d <= self.gate_threshold), gate_distance=float(d), heatmap=heat, image=image,
                 ))
         return results
 
