@@ -147,26 +147,28 @@ def explain_set(
     sample = rng.choice(len(images), size=min(cfg.plausibility_images, len(images)), replace=False) if len(images) else np.array([], int)
     chosen = sorted({i for cell in picks.values() for i in cell} | {int(i) for i in sample})
     heat = dict(zip(chosen, heatmaps(model, images[chosen], normaliser, target_class=1, method=cfg.cam_method)))  # type: ignore[arg-type]
+    masks = {i: lung_mask(images[i, 0]) for i in chosen}  # each mask once
     gallery = []
     for cell in GALLERY_CELLS:
         for rank, i in enumerate(picks[cell]):
             name = f"{cell}-{rank}.png"
             atomic.write_bytes(out_dir / name, png_bytes(overlay(images[i, 0], heat[i])))
-            mask = lung_mask(images[i, 0])
             gallery.append({
                 "cell": cell, "file": f"{out_dir.parent.name}/{out_dir.name}/{name}", "label": str(frame["label"].iloc[i]),
-                "p_positive": float(score[i]), "lung_energy": energy_inside(heat[i], mask),
+                "p_positive": float(score[i]), "lung_energy": energy_inside(heat[i], masks[i]),
             })
-    energies = np.array([energy_inside(heat[int(i)], lung_mask(images[int(i), 0])) for i in sample], float)
+    sampled = [int(i) for i in sample]
+    energies = np.array([energy_inside(heat[i], masks[i]) for i in sampled], float)
+    areas = np.array([masks[i].mean() for i in sampled if masks[i] is not None], float)
     found = energies[~np.isnan(energies)]
     return {
         "method": cfg.cam_method,
         "gallery": gallery,
         "plausibility": {
-            "images": int(len(sample)), "with_lung_mask": int(len(found)),
+            "images": len(sampled), "with_lung_mask": int(len(found)),
             "mean_lung_energy": float(found.mean()) if len(found) else math.nan,
             "median_lung_energy": float(np.median(found)) if len(found) else math.nan,
-            "mean_lung_area": float(np.mean([m.mean() for m in (lung_mask(images[int(i), 0]) for i in sample) if m is not None])) if len(found) else math.nan,
+            "mean_lung_area": float(areas.mean()) if len(areas) else math.nan,
         },
     }
 

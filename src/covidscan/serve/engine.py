@@ -7,7 +7,6 @@ the exported feature map, and the input gate's verdict.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,9 +123,3 @@ class Bundle:
                 ))
         return results
 
-
-def timed(function, *args, **kwargs):  # type: ignore[no-untyped-def]
-    """(result, milliseconds)."""
-    started = time.perf_counter()
-    result = function(*args, **kwargs)
-    return result, (time.perf_counter() - started) * 1000.0
