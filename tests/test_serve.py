@@ -223,3 +223,23 @@ def test_openapi_fuzzing_finds_no_server_error(tiny_bundle: Path) -> None:
             case.validate_response(response, checks=[not_a_server_error])
 
         fuzz()
+
+
+def test_large_uploads_stay_in_memory(tiny_bundle: Path, tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 3 MB upload (over Starlette's 1 MB spool size) must not touch the disk."""
+    import tempfile
+
+    from covidscan.serve.app import create_app
+
+    def no_disk(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an upload was written to a temporary file")
+
+    client = TestClient(create_app(tiny_bundle))
+    monkeypatch.setattr(tempfile, "TemporaryFile", no_disk)
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", no_disk)
+    gray = np.asarray(Image.open(_slices(tiny_run)[0]).convert("L").resize((1800, 1800)))
+    noisy = (gray.astype(np.int16) + np.random.default_rng(0).integers(-20, 20, gray.shape)).clip(0, 255).astype(np.uint8)
+    data = _png(noisy)
+    assert len(data) > 2_000_000
+    response = client.post("/api/v1/predict?heatmap=false", files=[("files", ("big.png", data, "image/png"))])
+    assert response.status_code in (200, 422), response.text  # answered, whatever the gate says

@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from covidscan import DISCLAIMER
@@ -176,6 +177,9 @@ def create_app(
 
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"], allow_headers=["X-API-Key"])
     app.add_middleware(BodyLimit, max_bytes=int(max_upload_mb * 1e6))
+    # Starlette spools uploads above 1 MB to (randomly named) temporary files; the body limit above
+    # bounds memory, so keep every upload in memory instead. Process-wide: one service per process.
+    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, int(max_upload_mb * 1e6))
     errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 413, 415, 422)}
 
     @app.exception_handler(ApiError)
