@@ -145,3 +145,19 @@ def test_compare_two_runs_and_test_time_augmentation(tiny_run: Path, tmp_path: P
     assert len(plain) == len(mirrored) and not np.allclose(plain, mirrored)
     missing = subprocess.run([sys.executable, "-m", "covidscan.cli", "compare", str(tiny_run), str(run), "--on", "nowhere"], capture_output=True, text=True)
     assert missing.returncode == 2 and "in-domain-test" in missing.stderr
+
+
+def test_three_classes_train_evaluate_and_report(tiny_phantom: Path, tmp_path: Path) -> None:
+    """COVID / pneumonia / normal (as with the X-ray sets): per-class one-vs-rest metrics, macro and weighted."""
+    frame = index_folder(tiny_phantom)
+    healthy = frame["label"] == "non-COVID"
+    odd = frame["patient_id"].str[-1].isin(list("13579"))
+    frame.loc[healthy & odd, "label"] = "pneumonia"
+    frame.loc[healthy & ~odd, "label"] = "normal"
+    config = load_config(None, TINY + ["data.labels=auto", "split.test_size=0.3", "split.val_size=0.3"])
+    metrics = train_run(frame, config, tmp_path / "run", show_progress=False, log=lambda m: None)
+    result = metrics["evaluation"]["sets"]["in-domain test"]["metrics"]
+    assert set(result["per_class"]) == {"COVID", "normal", "pneumonia"}
+    assert 0.0 <= result["macro_f1"] <= 1.0 and result["n"] == metrics["split"]["counts"]["test"]
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "macro F1" in page and "pneumonia" in page
