@@ -21,7 +21,7 @@ from _table import markdown_table  # noqa: E402
 
 from covidscan.data.io import read_image  # noqa: E402
 from covidscan.data.manifest import image_refs, load_manifest  # noqa: E402
-from covidscan.serve.engine import Bundle  # noqa: E402
+from covidscan.serve.predictor import Bundle  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "text", "moon", "page", "horse", "coins",
           "clock", "hubble_deep_field", "immunohistochemistry", "retina", "cat", "motorcycle_left", "brick", "grass", "gravel")

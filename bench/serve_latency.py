@@ -32,7 +32,7 @@ from _table import markdown_table  # noqa: E402
 
 from covidscan.data.phantom import PhantomSpec, generate_phantom_dataset  # noqa: E402
 from covidscan.data.transforms import Normaliser  # noqa: E402
-from covidscan.export.onnx_export import export_model  # noqa: E402
+from covidscan.export.onnx import export_model  # noqa: E402
 from covidscan.models.classifier import CovidClassifier  # noqa: E402
 from covidscan.models.registry import get_backbone  # noqa: E402
 
@@ -100,7 +100,7 @@ def main() -> None:
 
         import onnxruntime as ort
 
-        from covidscan.serve.engine import Bundle
+        from covidscan.serve.predictor import Bundle
 
         # ONNX Runtime first: PyTorch's OpenMP threads keep spinning after its calls and would slow ORT down.
         session = ort.InferenceSession(str(bundle_dir / "model.onnx"), providers=["CPUExecutionProvider"])

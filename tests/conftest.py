@@ -36,7 +36,7 @@ def tiny_run(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny run exported to an ONNX bundle."""
-    from covidscan.export.onnx_export import export_run
+    from covidscan.export.onnx import export_run
 
     bundle = tmp_path_factory.mktemp("bundle") / "bundle"
     export_run(tiny_run, bundle)

@@ -301,7 +301,7 @@ def export_command(
     format_: Annotated[str, typer.Option("--format", help="Export format (onnx).")] = "onnx",
 ) -> None:
     """Export a run to an ONNX bundle (model.onnx, model.json, gate.npz) and check parity with PyTorch."""
-    from covidscan.export.onnx_export import export_run
+    from covidscan.export.onnx import export_run
 
     if format_ != "onnx":
         raise CovidscanError(f"unknown export format {format_!r}; only 'onnx' is supported")
@@ -376,7 +376,7 @@ def demo_command(
         shutil.rmtree(staging)
     save_manifest(frame, staging / "manifest-unsplit.csv")
     metrics = train_run(frame, cfg, staging, show_progress=not quiet, log=_log)
-    from covidscan.export.onnx_export import export_run
+    from covidscan.export.onnx import export_run
 
     card = export_run(staging, staging / "bundle")
     publish_run_dir(staging, out)

@@ -177,7 +177,7 @@ def tsne_summary(
     embeddings: np.ndarray, table: pd.DataFrame, seed: int, out_csv: Path
 ) -> dict[str, object]:
     """t-SNE map (written to tsne.csv) and silhouettes of class, source and data set in embedding space."""
-    from covidscan.explain.tsne import silhouette, tsne_2d
+    from covidscan.explain.embedding import silhouette, tsne_2d
 
     coords = tsne_2d(embeddings, seed)
     table = table.assign(x=coords[:, 0], y=coords[:, 1])

@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from covidscan import DISCLAIMER
 from covidscan.data.io import ImageReadError, read_image_bytes, sniff_kind
 from covidscan.explain.overlay import colorize, png_bytes
-from covidscan.serve.engine import Bundle, SliceResult
+from covidscan.serve.predictor import Bundle, SliceResult
 
 log = logging.getLogger("covidscan.serve")
 
@@ -206,7 +206,7 @@ def create_app(
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
-        return HTMLResponse((resources.files("covidscan.serve") / "index.html").read_text(encoding="utf-8"))
+        return HTMLResponse((resources.files("covidscan.serve") / "static" / "index.html").read_text(encoding="utf-8"))
 
     @app.get(f"{API}/health")
     def health() -> dict[str, str]:
