@@ -53,3 +53,18 @@ def test_neighbouring_slices_are_more_alike_than_other_patients(tiny_phantom: Pa
     same = np.abs(load(patients[0] / "slice-00.png") - load(patients[0] / "slice-01.png")).mean()
     other = np.abs(load(patients[0] / "slice-00.png") - load(patients[1] / "slice-00.png")).mean()
     assert same < other
+
+
+def test_scanner_b_is_another_look_of_the_same_patients(tmp_path: Path) -> None:
+    """The external demo set: same anatomy generator, other window and noise; deterministic too."""
+    import numpy as np
+    from PIL import Image
+
+    a = generate_phantom_dataset(tmp_path / "a", PhantomSpec(patients_per_class=1, slices_per_patient=2, image_size=48, seed=4))
+    b1 = generate_phantom_dataset(tmp_path / "b1", PhantomSpec(patients_per_class=1, slices_per_patient=2, image_size=48, seed=4, scanner="B"))
+    b2 = generate_phantom_dataset(tmp_path / "b2", PhantomSpec(patients_per_class=1, slices_per_patient=2, image_size=48, seed=4, scanner="B"))
+    name = "COVID/cov-patient-000/slice-00.png"
+    pa, pb = (np.asarray(Image.open(root / name), float) for root in (a, b1))
+    assert (b1 / name).read_bytes() == (b2 / name).read_bytes()
+    assert pb.mean() > pa.mean() + 5  # the wider window brightens the image
+    assert np.corrcoef(pa.ravel(), pb.ravel())[0, 1] > 0.9  # same anatomy

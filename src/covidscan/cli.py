@@ -368,6 +368,14 @@ def demo_command(
         generate_phantom_dataset(data, spec)
         stamp.write_text(repr(spec))
     frame = index_folder(data, "binary", source="phantom")
+    other = data.with_name(f"{data.name}-hospital-b")
+    other_spec = PhantomSpec(patients_per_class=12, slices_per_patient=4, seed=1, scanner="B")
+    other_stamp = other / ".complete"
+    if not other_stamp.is_file() or other_stamp.read_text() != repr(other_spec):
+        _log(f"generating an external test set from another synthetic scanner -> {other}")
+        generate_phantom_dataset(other, other_spec)
+        other_stamp.write_text(repr(other_spec))
+    externals = {"hospital-b": index_folder(other, "binary", source="phantom-hospital-b")}
     cfg = load_config(packaged_config("demo"), set_)
     staging = out.with_name(f".{out.name}.staging")
     if staging.exists():
@@ -375,7 +383,7 @@ def demo_command(
 
         shutil.rmtree(staging)
     save_manifest(frame, staging / "manifest-unsplit.csv")
-    metrics = train_run(frame, cfg, staging, show_progress=not quiet, log=_log)
+    metrics = train_run(frame, cfg, staging, show_progress=not quiet, log=_log, externals=externals)  # type: ignore[arg-type]
     from covidscan.export.onnx import export_run
 
     card = export_run(staging, staging / "bundle")

@@ -31,6 +31,7 @@ class PhantomSpec:
     slices_per_patient: int = 6
     image_size: int = 128
     seed: int = 0
+    scanner: str = "A"  # "B": another hospital's scanner (other window and more noise), for external tests
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,12 @@ def _render_slice(
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
+def _scanner_b(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Another hospital: a wider display window (brighter lungs) and a noisier, sharper kernel."""
+    shifted = np.power(pixels, 0.75) + rng.normal(0.0, 0.04, pixels.shape).astype(np.float32)
+    return np.clip(shifted, 0.0, 1.0).astype(np.float32)
+
+
 def generate_phantom_dataset(root: str | Path, spec: PhantomSpec = PhantomSpec()) -> Path:
     """Write `root/<class>/<patient>/<slice>.png` (8-bit grayscale) and return `root`.
 
@@ -167,12 +174,15 @@ def generate_phantom_dataset(root: str | Path, spec: PhantomSpec = PhantomSpec()
     """
     root = Path(root)
     rng = np.random.default_rng(spec.seed)
+    scanner_rng = np.random.default_rng([spec.seed, 1])  # its own stream: the anatomy stays that of scanner A
     for class_name, covid in ((NON_COVID_CLASS, False), (COVID_CLASS, True)):
         for p in range(spec.patients_per_class):
             patient = _random_patient(rng, covid, spec.slices_per_patient)
             folder = root / class_name / f"{'cov' if covid else 'non'}-patient-{p:03d}"
             for z in range(spec.slices_per_patient):
                 pixels = _render_slice(patient, z, spec.slices_per_patient, spec.image_size, rng)
+                if spec.scanner == "B":
+                    pixels = _scanner_b(pixels, scanner_rng)
                 png = Image.fromarray(np.round(pixels * 255).astype(np.uint8), mode="L")
                 atomic.write_with(folder / f"slice-{z:02d}.png", lambda tmp, im=png: im.save(tmp, format="PNG"))
     return root
