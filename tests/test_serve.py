@@ -243,3 +243,23 @@ def test_large_uploads_stay_in_memory(tiny_bundle: Path, tiny_run: Path, monkeyp
     assert len(data) > 2_000_000
     response = client.post("/api/v1/predict?heatmap=false", files=[("files", ("big.png", data, "image/png"))])
     assert response.status_code in (200, 422), response.text  # answered, whatever the gate says
+
+
+def test_int8_graph_is_quantised_and_judged_against_fp32(tiny_bundle: Path, tiny_run: Path, tmp_path: Path) -> None:
+    import onnx
+
+    from covidscan.export.quantize import acceptable, int8_agreement, quantize_int8
+
+    images = np.stack([np.asarray(Image.open(p).convert("L"), np.float32)[None] / 255.0 for p in _slices(tiny_run, count=8)])
+    labels = np.array([0, 1] * 4)
+    same = int8_agreement(tiny_bundle / "model.onnx", tiny_bundle / "model.onnx", images, labels, 1.0)
+    assert same["label_agreement"] == 1.0 and same["max_abs_probability_diff"] == 0.0 and acceptable(same)[0]
+    quantize_int8(tiny_bundle / "model.onnx", tmp_path / "int8.onnx", images)
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "int8.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    check = int8_agreement(tiny_bundle / "model.onnx", tmp_path / "int8.onnx", images, labels, 1.0)
+    assert 0.0 <= check["label_agreement"] <= 1.0 and check["images"] == 8
+    ok, why = acceptable({"label_agreement": 0.64, "auc_fp32": 0.967, "auc_int8": 0.796})
+    assert not ok and "36.0% of decisions" in why
+    ok, why = acceptable({"label_agreement": 1.0, "auc_fp32": 0.967, "auc_int8": 0.90})
+    assert not ok and "0.967 to 0.900" in why

@@ -299,6 +299,7 @@ def export_command(
     run: Annotated[Path, typer.Argument(help="Run folder from `covidscan train` or `make demo`.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Bundle folder to write (default RUN/bundle).")] = None,
     format_: Annotated[str, typer.Option("--format", help="Export format (onnx).")] = "onnx",
+    int8: Annotated[bool, typer.Option("--int8", help="Serve a statically quantised int8 graph, if its held-out decisions match fp32.")] = False,
 ) -> None:
     """Export a run to an ONNX bundle (model.onnx, model.json, gate.npz) and check parity with PyTorch."""
     from covidscan.export.onnx import export_run
@@ -308,7 +309,12 @@ def export_command(
     if not (run / "model.json").is_file():
         raise CovidscanError(f"{run}: not a run folder (no model.json)")
     bundle = out or run / "bundle"
-    card = export_run(run, bundle)
+    card = export_run(run, bundle, int8=int8)
+    if int8:
+        check = card["int8_check"]
+        assert isinstance(check, dict)
+        _log(f"int8: decisions agree with fp32 on {check['label_agreement']:.1%} of {check['images']} held-out images, "
+             f"max |Δp| {check['max_abs_probability_diff']:.3f}" + (f", AUC {check['auc_fp32']:.3f} -> {check['auc_int8']:.3f}" if "auc_int8" in check else ""))
     parity = card["parity"]
     assert isinstance(parity, dict)
     shown = "; ".join(f"{k}: max |Δp| {v['max_abs_probability_diff']:.1e}, max |Δlogit| {v['max_abs_logit_diff']:.1e} on {v['images']} images" for k, v in parity.items())

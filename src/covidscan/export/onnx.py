@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -79,24 +80,18 @@ GATE_QUANTILE = 0.995  # of validation distances: ~0.5 % of real unseen scans ar
 GATE_MAX_DIMS = 256
 
 
-def gate_reference(wrapper: ExportWrapper, train: np.ndarray, val: np.ndarray) -> dict[str, np.ndarray | float]:
+def gate_reference(stats: Callable[[np.ndarray], np.ndarray], train: np.ndarray, val: np.ndarray) -> dict[str, np.ndarray | float]:
     """The input gate: Mahalanobis distance of an image's gate statistics from the training images'.
 
     Fitted on training images (Ledoit-Wolf shrinkage covariance, after PCA when
     there are many channels); the refusal threshold is the 99.5th percentile
     of the distances of *validation* images, i.e. unseen patients of the same kind.
+    `stats` maps images to gate statistics with the graph the service will run.
     """
     from sklearn.covariance import LedoitWolf
     from sklearn.decomposition import PCA
 
-    def stats(images: np.ndarray) -> np.ndarray:
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(images), 64):
-                out.append(wrapper(torch.from_numpy(images[start : start + 64]))[2].numpy())
-        return np.concatenate(out).astype(np.float64)
-
-    train_stats, val_stats = stats(train), stats(val)
+    train_stats, val_stats = stats(train).astype(np.float64), stats(val).astype(np.float64)
     dims = min(train_stats.shape[1], GATE_MAX_DIMS, max(1, len(train_stats) - 1))
     pca = PCA(dims, random_state=0).fit(train_stats)
     projection, center = pca.components_, pca.mean_
@@ -122,11 +117,15 @@ def export_model(
     real_images: np.ndarray,
     gate_train: np.ndarray,
     gate_val: np.ndarray,
+    int8: bool = False,
+    check_labels: np.ndarray | None = None,
 ) -> dict[str, object]:
     """Write OUT/model.onnx, model.json and gate.npz for a model; images are float32 (N, 1, S, S) in [0, 1].
 
     Written into a staging folder and swapped in, so a failed export never
     leaves half a bundle. Refuses when ONNX Runtime disagrees with PyTorch.
+    `int8`: serve a statically quantised graph instead, if its decisions on
+    `real_images` (labels `check_labels` for the AUC) stay those of fp32.
     """
     out_dir = Path(out_dir)
     model = model.eval()
@@ -143,7 +142,27 @@ def export_model(
     worst = max(c["max_abs_probability_diff"] for c in checks.values())
     if worst > 1e-3:
         raise CovidscanError(f"{out_dir}: ONNX export disagrees with PyTorch (max probability difference {worst:.2e})")
-    gate = gate_reference(wrapper, gate_train, gate_val)
+    precision: dict[str, object] = {"precision": "fp32"}
+    if int8:
+        from covidscan.export.quantize import acceptable, int8_agreement, quantize_int8
+
+        quantize_int8(staging / "model.onnx", staging / "model.int8.onnx", gate_train[:64])
+        check = int8_agreement(staging / "model.onnx", staging / "model.int8.onnx", real_images, check_labels,
+                               float((card.get("calibration") or {}).get("temperature", 1.0)))  # type: ignore[union-attr]
+        ok, why = acceptable(check)
+        if not ok:
+            shutil.rmtree(staging)
+            raise CovidscanError(f"{out_dir}: int8 export refused: {why}; export without --int8")
+        (staging / "model.onnx").rename(staging / "model.fp32.onnx")
+        (staging / "model.int8.onnx").rename(staging / "model.onnx")
+        precision = {"precision": "int8 (static QDQ, per-channel weights; fp32 graph kept as model.fp32.onnx)", "int8_check": check}
+
+    def served_stats(images: np.ndarray) -> np.ndarray:
+        from covidscan.export.quantize import onnx_run
+
+        return onnx_run(staging / "model.onnx", images)[2]
+
+    gate = gate_reference(served_stats, gate_train, gate_val)
     np.savez_compressed(staging / "gate.npz", **{k: np.asarray(gate[k], np.float32) for k in ("center", "projection", "location", "precision")})
     card = dict(card)
     card.update({
@@ -159,6 +178,7 @@ def export_model(
                  "threshold": gate["threshold"], "quantile_of_validation": GATE_QUANTILE, "reference_images": int(len(gate_train)),
                  "validation_images": int(len(gate_val))},
         "parity": checks,
+        **precision,
         "exported_with": f"covidscan {__version__}, torch {torch.__version__}",
         "intended_use": DISCLAIMER,
     })
@@ -170,7 +190,7 @@ def export_model(
     return card
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, gate_images: int = 1024) -> dict[str, object]:
+def export_run(run_dir: str | Path, out_dir: str | Path, gate_images: int = 1024, int8: bool = False) -> dict[str, object]:
     """Export a run folder's best model; parity on its test images, gate from its train/val images."""
     from covidscan.data.manifest import image_refs, load_manifest
     from covidscan.pipeline import load_image_array
@@ -181,12 +201,14 @@ def export_run(run_dir: str | Path, out_dir: str | Path, gate_images: int = 1024
     frame = load_manifest(run_dir / "manifest.csv")
     rng = np.random.default_rng(0)
 
-    def images_of(split: str, limit: int) -> np.ndarray:
+    def images_of(split: str, limit: int) -> tuple[np.ndarray, np.ndarray]:
         rows = frame[frame["split"] == split]
         rows = rows.iloc[np.sort(rng.choice(len(rows), min(limit, len(rows)), replace=False))]
-        return load_image_array(image_refs(rows), predictor.size, f"loading {split} images", False).astype(np.float32) / 255.0
+        images = load_image_array(image_refs(rows), predictor.size, f"loading {split} images", False).astype(np.float32) / 255.0
+        return images, (rows["label"].astype(str) == predictor.classes[-1]).to_numpy()
 
+    test_images, test_labels = images_of("test", 256 if int8 else 16)
     return export_model(
         predictor.model, predictor.normaliser.mean, predictor.normaliser.std, predictor.size, predictor.card, out_dir,
-        images_of("test", 16), images_of("train", gate_images), images_of("val", gate_images),
+        test_images, images_of("train", gate_images)[0], images_of("val", gate_images)[0], int8=int8, check_labels=test_labels,
     )

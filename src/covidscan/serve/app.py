@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -235,7 +236,8 @@ def create_app(
         read_ms = (time.perf_counter() - started) * 1000
         out_files, all_results = [], []
         for name, kind, images in decoded:
-            results = bundle.analyse(images, heatmaps=heatmap)
+            # In a worker thread (ONNX Runtime releases the GIL): health checks stay answered during a long volume.
+            results = await run_in_threadpool(bundle.analyse, images, heatmap)
             all_results += results
             volume = len(results) > 1
             if not volume and not results[0].in_distribution:
