@@ -1,7 +1,6 @@
 """Load a trained run and predict class probabilities for image files."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import torch
 from covidscan import DISCLAIMER
 from covidscan.data.io import load_resized
 from covidscan.data.transforms import Normaliser, to_float
-from covidscan.errors import CovidscanError
+from covidscan.model_card import read_model_card
 from covidscan.models.classifier import CovidClassifier
 from covidscan.train.checkpoint import load_checkpoint
 
@@ -31,17 +30,10 @@ class Predictor:
     def __init__(self, model_path: str | Path) -> None:
         model_path = Path(model_path)
         card_path = model_path / "model.json" if model_path.is_dir() else model_path
-        if not card_path.is_file():
-            raise CovidscanError(f"{model_path}: not a run folder (no model.json); train one with `covidscan train` or `make demo`")
+        card = read_model_card(card_path, f"{model_path}: not a run folder (no model.json); train one with `covidscan train` or `make demo`")
         self.folder = card_path.parent
-        try:
-            self.card = json.loads(card_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CovidscanError(f"{card_path}: not valid JSON ({exc})") from None
-        self.classes: list[str] = list(self.card["classes"])
-        self.size = int(self.card["image_size"])
-        self.threshold = float(self.card.get("threshold", 0.5))
-        self.temperature = float((self.card.get("calibration") or {}).get("temperature", 1.0))
+        self.card = card.raw
+        self.classes, self.size, self.threshold, self.temperature = card.classes, card.size, card.threshold, card.temperature
         self.normaliser = Normaliser(**self.card["normalise"])
         self.model = CovidClassifier(
             self.card["backbone"], len(self.classes), int(self.card["in_chans"]), float(self.card["dropout"]), weights="none"

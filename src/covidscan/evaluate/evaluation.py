@@ -64,12 +64,14 @@ def _groups_for_ci(frame: pd.DataFrame) -> tuple[np.ndarray, str]:
 
 
 def score_set(
-    frame: pd.DataFrame, probs: np.ndarray, classes: list[str], calibration: dict[str, object], cfg: EvaluateConfig, seed: int
+    frame: pd.DataFrame, raw: np.ndarray, calibrated: np.ndarray, classes: list[str], calibration: dict[str, object],
+    cfg: EvaluateConfig, seed: int,
 ) -> dict[str, object]:
-    """Metrics, CIs, curves, calibration and patient-level results of one data set."""
+    """Metrics, CIs, curves, calibration and patient-level results of one data set.
+
+    `raw`: the model's probabilities (N, C); `calibrated`: the same after temperature scaling.
+    """
     labels = np.array([classes.index(str(v)) for v in frame["label"]])
-    raw = np.asarray(probs, np.float64)
-    calibrated = apply_temperature(raw, float(calibration["temperature"]))  # type: ignore[arg-type]
     counts = {c: int((labels == i).sum()) for i, c in enumerate(classes)}
     if len(classes) > 2:
         return {"n": len(labels), "class_counts": counts, "metrics": multiclass_metrics(labels, calibrated, classes)}
@@ -77,10 +79,11 @@ def score_set(
     groups, unit = _groups_for_ci(frame)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
+        metrics, before = binary_metrics(y, score, 0.5), binary_metrics(y, raw[:, 1])
         result: dict[str, object] = {
             "n": int(len(y)),
             "class_counts": counts,
-            "metrics": binary_metrics(y, score, 0.5),
+            "metrics": metrics,
             "ci": bootstrap_ci(y, score, groups, 0.5, cfg.bootstrap, seed=seed),
             "ci_unit": f"{len(np.unique(groups))} {unit}",
             "operating_points": {
@@ -89,8 +92,8 @@ def score_set(
             },
             "calibration": {
                 "temperature": calibration["temperature"],
-                "ece_before": binary_metrics(y, raw[:, 1])["ece"], "ece_after": binary_metrics(y, score)["ece"],
-                "brier_before": binary_metrics(y, raw[:, 1])["brier"], "brier_after": binary_metrics(y, score)["brier"],
+                "ece_before": before["ece"], "ece_after": metrics["ece"],
+                "brier_before": before["brier"], "brier_after": metrics["brier"],
                 "reliability": reliability_bins(y, score),
             },
             "curves": {"roc": roc_points(y, score), "pr": pr_points(y, score)},
@@ -247,10 +250,11 @@ def evaluate_run(
             probs = predict_proba(model, torch.from_numpy(images), normaliser, 64)
             if cfg.tta:  # test-time augmentation: mean of the image and its left-right mirror
                 probs = (probs + predict_proba(model, torch.from_numpy(images[..., ::-1].copy()), normaliser, 64)) / 2
-            result = score_set(part, probs, classes, calibration, cfg, seed)
+            calibrated = apply_temperature(probs, float(calibration["temperature"]))
+            result = score_set(part, probs, calibrated, classes, calibration, cfg, seed)
             if len(classes) == 2:
                 y = np.array([str(v) == classes[1] for v in part["label"]])
-                score = apply_temperature(probs, float(calibration["temperature"]))[:, 1]
+                score = calibrated[:, 1]
                 result["explain"] = explain_set(model, normaliser, images, y, score, part, cfg, run_dir / "heatmaps" / slug(name), seed)
                 predictions = part[["path", "slice_index", "label", "patient_id"]].copy()
                 predictions["p_" + classes[1]] = score

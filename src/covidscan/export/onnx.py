@@ -38,13 +38,15 @@ class ExportWrapper(nn.Module):
         self.model, self.mean, self.std = model, mean, std
         name = model.gate_layer_name()
         self.gate_module = _get_module(model.backbone, name) if name else model.feature_map
-        self._captured: list[torch.Tensor] = []
-        self.gate_module.register_forward_hook(lambda module, args, output: self._captured.append(output))
-
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        self._captured.clear()
-        features = self.model.forward_features((images - self.mean) / self.std)
-        middle = self._captured[-1].float()
+        captured: list[torch.Tensor] = []
+        # Hooked for this call only: the model stays hook-free for anyone using it after the export.
+        handle = self.gate_module.register_forward_hook(lambda module, args, output: captured.append(output))
+        try:
+            features = self.model.forward_features((images - self.mean) / self.std)
+        finally:
+            handle.remove()
+        middle = captured[-1].float()
         stats = torch.cat([middle.mean(dim=(2, 3)), middle.flatten(2).std(dim=2)], dim=1)
         return self.model.forward_head(features), features, torch.log1p(stats.abs())
 

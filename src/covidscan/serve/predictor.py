@@ -6,7 +6,6 @@ the exported feature map, and the input gate's verdict.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 from covidscan import DISCLAIMER
 from covidscan.data.io import resize_gray
 from covidscan.errors import CovidscanError
+from covidscan.model_card import read_model_card
 
 BUNDLE_FILES = ("model.json", "model.onnx", "gate.npz")
 
@@ -39,14 +39,9 @@ class Bundle:
         missing = [name for name in BUNDLE_FILES if not (self.folder / name).is_file()]
         if missing:
             raise CovidscanError(f"{self.folder}: not a model bundle (missing {', '.join(missing)}); make one with `covidscan export RUN`")
-        try:
-            self.card = json.loads((self.folder / "model.json").read_text())
-        except json.JSONDecodeError as exc:
-            raise CovidscanError(f"{self.folder / 'model.json'}: not valid JSON ({exc})") from None
-        self.classes: list[str] = list(self.card["classes"])
-        self.size = int(self.card["image_size"])
-        self.threshold = float(self.card.get("threshold", 0.5))
-        self.temperature = float((self.card.get("calibration") or {}).get("temperature", 1.0))
+        card = read_model_card(self.folder / "model.json", f"{self.folder}: not a model bundle (no model.json)")
+        self.card = card.raw
+        self.classes, self.size, self.threshold, self.temperature = card.classes, card.size, card.threshold, card.temperature
         self.cam_weights = np.asarray(self.card["cam"]["weights"], np.float32)  # (classes, channels)
         self.gate_threshold = float(self.card["gate"]["threshold"])
         with np.load(self.folder / "gate.npz") as gate:
