@@ -5,15 +5,20 @@ raises `ImageReadError` naming the file, so callers never see a PIL traceback.
 """
 from __future__ import annotations
 
-import hashlib
+import io
 import warnings
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from covidscan.data import nifti
+from covidscan.data.nifti import LUNG_WINDOW
+from covidscan.data.pseudonym import patient_key
 from covidscan.errors import ImageReadError
 
 # Larger than any CT slice or chest X-ray (a 4k x 4k radiograph is 16 Mpx);
@@ -25,11 +30,12 @@ DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = RASTER_SUFFIXES | DICOM_SUFFIXES | frozenset(NIFTI_SUFFIXES)
 
-# CT window for lungs (width, level) in Hounsfield units, as radiologists read them.
-LUNG_WINDOW = (1500.0, -600.0)
-# A fixed salt: the same patient gets the same key in every manifest, and the
-# key does not reveal the DICOM PatientID it was made from.
-_PATIENT_KEY_SALT = b"covidscan-patient-key-v1"
+# Uploads to the service: a 4472 x 4472 radiograph fits; larger is refused before decoding,
+# which bounds one image's memory (about 9 bytes per pixel at worst: 180 MB).
+MAX_UPLOAD_PIXELS = 20_000_000
+# Stored pixel bytes of one DICOM upload (all frames): 300 frames of 512 x 512 x 16 bit fit.
+MAX_DICOM_PIXEL_BYTES = 160_000_000
+_BAND_ROWS = 512  # colour images are converted to gray in bands of rows, never whole in float
 
 _BITS_BY_MODE = {"1": 1, "L": 8, "LA": 8, "P": 8, "RGB": 8, "RGBA": 8, "CMYK": 8, "I;16": 16, "I;16B": 16, "I;16L": 16}
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601-2, as PIL's convert("L")
@@ -57,31 +63,52 @@ def is_volume_file(path: Path) -> bool:
     return _suffix(path) in NIFTI_SUFFIXES
 
 
-def _pil_to_gray(img: Image.Image) -> tuple[np.ndarray, int]:
-    """Convert any PIL mode to float32 gray in [0, 1]; return it and the bit depth."""
+def _band_to_gray(img: Image.Image, value_range: tuple[float, float] | None) -> np.ndarray:
+    """Float32 gray in [0, 1] of one band of rows, any PIL mode."""
     mode = img.mode
     if mode in ("RGBA", "LA", "P", "PA"):
         # Composite onto black: CT and X-ray backgrounds are black, and an opaque
         # alpha (the common case) changes nothing.
         rgba = np.asarray(img.convert("RGBA"), np.float32) / 255.0
-        gray = rgba[..., :3] @ _LUMA * rgba[..., 3]
-        return gray.astype(np.float32), 8
+        return (rgba[..., :3] @ _LUMA * rgba[..., 3]).astype(np.float32)
     if mode in ("RGB", "CMYK", "YCbCr", "LAB", "HSV"):
         rgb = np.asarray(img.convert("RGB"), np.float32) / 255.0
-        return (rgb @ _LUMA).astype(np.float32), 8
+        return (rgb @ _LUMA).astype(np.float32)
     if mode in ("L", "1"):
-        return np.asarray(img.convert("L"), np.float32) / 255.0, _BITS_BY_MODE[mode]
+        return np.asarray(img.convert("L"), np.float32) / 255.0
     if mode.startswith("I;16"):
-        return np.asarray(img, np.float32) / 65535.0, 16
+        return np.asarray(img, np.float32) / 65535.0
+    arr = np.asarray(img, np.float32)  # "I" or "F"
+    lo, hi = value_range or (0.0, 65535.0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return (arr - np.float32(lo)) / np.float32(hi - lo) if hi > lo else np.zeros_like(arr)
+
+
+def _pil_to_gray(img: Image.Image) -> tuple[np.ndarray, int]:
+    """Convert any PIL mode to float32 gray in [0, 1], band by band; return it and the bit depth."""
+    mode = img.mode
+    if mode not in _BITS_BY_MODE and mode not in ("PA", "YCbCr", "LAB", "HSV", "I", "F"):
+        raise ImageReadError(img.filename if hasattr(img, "filename") else "?", f"unsupported image mode {mode!r}")
+    bits, value_range = _BITS_BY_MODE.get(mode, 8), None
     if mode in ("I", "F"):
         # 32-bit containers usually hold 16-bit data (PNG 16-bit opens as "I").
-        arr = np.asarray(img, np.float32)
-        bits = 16 if arr.min() >= 0 and arr.max() <= 65535 else 32
-        if bits == 16:
-            return arr / 65535.0, 16
-        lo, hi = float(arr.min()), float(arr.max())
-        return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr), 32
-    raise ImageReadError(img.filename if hasattr(img, "filename") else "?", f"unsupported image mode {mode!r}")
+        lo, hi = (float(v) for v in img.getextrema())  # type: ignore[misc]
+        finite = np.isfinite(lo) and np.isfinite(hi)
+        bits = 16 if finite and lo >= 0 and hi <= 65535 else 32
+        value_range = (0.0, 65535.0) if bits == 16 else ((lo, hi) if finite else (0.0, 0.0))
+    width, height = img.size
+    gray = np.empty((height, width), np.float32)
+    for top in range(0, height, _BAND_ROWS):
+        bottom = min(height, top + _BAND_ROWS)
+        band = img if (top, bottom) == (0, height) else img.crop((0, top, width, bottom))
+        gray[top:bottom] = _band_to_gray(band, value_range)
+    return finite01(gray), bits
+
+
+def finite01(pixels: np.ndarray) -> np.ndarray:
+    """NaN -> 0 and everything clipped to [0, 1], in place: no image reaches a model with non-finite values."""
+    np.nan_to_num(pixels, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
+    return np.clip(pixels, 0.0, 1.0, out=pixels)
 
 
 def read_raster(path: Path | BinaryIO, max_pixels: int = MAX_PIXELS, name: str | None = None) -> ImageData:
@@ -96,7 +123,10 @@ def read_raster(path: Path | BinaryIO, max_pixels: int = MAX_PIXELS, name: str |
                     raise ImageReadError(where, f"image of {width}x{height} px exceeds the limit of {max_pixels} px (decompression bomb?)")
                 img.load()
                 fmt, mode = img.format, img.mode
-                pixels, bits = _pil_to_gray(img)
+                # Cameras and phones store photos sideways plus an EXIF tag (exif_transpose copies: only when needed).
+                upright = ImageOps.exif_transpose(img) if img.getexif().get(0x0112, 1) not in (0, 1) else img
+                pixels, bits = _pil_to_gray(upright)
+                height, width = pixels.shape
     except ImageReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -122,111 +152,169 @@ def window(values: np.ndarray, width: float, level: float) -> np.ndarray:
     return np.clip((values - low) / width, 0.0, 1.0).astype(np.float32)
 
 
-def patient_key(patient_id: str) -> str:
-    """A pseudonymous, stable patient key: salted SHA-256, never the ID itself."""
-    digest = hashlib.sha256(_PATIENT_KEY_SALT + patient_id.encode("utf-8")).hexdigest()
-    return f"pk-{digest[:16]}"
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+_DICOM_GROUPS = (b"\x02\x00", b"\x08\x00")  # file meta or identifying group first: DICOM without preamble
+_DEFLATED_HEAD_BYTES = 4_000_000  # elements before the pixel data of a deflated DICOM (more is refused)
 
 
-def read_dicom(
-    path: Path | BinaryIO, frame: int | None = None, ct_window: tuple[float, float] = LUNG_WINDOW, name: str | None = None
-) -> ImageData:
-    """Read a DICOM image: modality LUT to HU, CT window or VOI LUT, MONOCHROME1 inverted.
-
-    Only technical fields go into the metadata; the patient becomes a salted
-    hash (`patient_key`), never a name, ID or birth date.
-    """
+def _dicom_dataset(data: bytes, where: str) -> object:
+    """Parse DICOM bytes (with or without the 128-byte preamble); a deflated body inflates only up to the limits."""
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.filereader import read_dataset, read_preamble
 
-    where = name or str(path)
     try:
-        ds = pydicom.dcmread(path)
-        if "PixelData" not in ds:
-            raise ImageReadError(where, "DICOM file holds no pixel data")
-        raw = ds.pixel_array
+        stream = io.BytesIO(data)
+        read_preamble(stream, True)
+        meta = read_dataset(stream, False, True, stop_when=lambda tag, vr, length: tag.group != 2)
+        if str(meta.get("TransferSyntaxUID", "")) != _DEFLATED:
+            return pydicom.dcmread(io.BytesIO(data), force=True)
+        # Inflate the elements before the pixel data first, check the sizes they declare, then inflate only that much.
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        head = inflater.decompress(data[stream.tell():], _DEFLATED_HEAD_BYTES)
+        header = read_dataset(io.BytesIO(head), False, True, stop_when=lambda tag, vr, length: tag == 0x7FE00010)
+        needed = _declared_pixel_bytes(header, where, MAX_PIXELS)
+        rest = inflater.decompress(inflater.unconsumed_tail, needed + _DEFLATED_HEAD_BYTES)
+        if inflater.unconsumed_tail:
+            raise ImageReadError(where, "deflated DICOM inflates beyond the size its header declares (decompression bomb?)")
+        ds = read_dataset(io.BytesIO(head + rest), False, True)
+        ds.file_meta = pydicom.dataset.FileMetaDataset(meta)
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        return ds
     except ImageReadError:
         raise
-    except InvalidDicomError:
+    except (InvalidDicomError, zlib.error):
         raise ImageReadError(where, "not a valid DICOM file") from None
+    except Exception as exc:
+        raise ImageReadError(where, f"not a readable DICOM file ({type(exc).__name__}: {exc})") from None
+
+
+def _dicom_int(ds: object, keyword: str, default: int, where: str) -> int:
+    value = getattr(ds, keyword, None)
+    if value in (None, ""):
+        return default
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ImageReadError(where, f"DICOM {keyword} is not a number ({str(value)[:20]!r})") from None
+
+
+def _declared_pixel_bytes(ds: object, where: str, max_pixels: int) -> int:
+    """Stored pixel bytes the header declares, after checking every size against the limits."""
+    rows, columns = _dicom_int(ds, "Rows", 0, where), _dicom_int(ds, "Columns", 0, where)
+    frames = max(_dicom_int(ds, "NumberOfFrames", 1, where), 1)
+    samples = max(_dicom_int(ds, "SamplesPerPixel", 1, where), 1)
+    bits = _dicom_int(ds, "BitsAllocated", 16, where)
+    if rows < 1 or columns < 1:
+        raise ImageReadError(where, f"DICOM declares an empty image ({rows} x {columns})")
+    if samples != 1:
+        raise ImageReadError(where, f"expected a grayscale DICOM image, got {samples} samples per pixel")
+    if rows * columns > max_pixels:
+        raise ImageReadError(where, f"DICOM image of {columns}x{rows} px exceeds the limit of {max_pixels} px")
+    stored = rows * columns * frames * max(bits, 8) // 8
+    if stored > MAX_DICOM_PIXEL_BYTES:
+        raise ImageReadError(where, f"DICOM pixel data of {frames} frame(s) of {columns}x{rows} px ({stored / 1e6:,.0f} MB) "
+                                    f"exceeds the limit of {MAX_DICOM_PIXEL_BYTES / 1e6:.0f} MB")
+    return stored
+
+
+def _dicom_frames(ds: object, where: str, max_pixels: int) -> np.ndarray:
+    """Decoded stored values, (frames, rows, columns), after checking every declared size against the limits."""
+    if "PixelData" not in ds:  # type: ignore[operator]
+        raise ImageReadError(where, "DICOM file holds no pixel data")
+    _declared_pixel_bytes(ds, where, max_pixels)
+    rows, columns = int(ds.Rows), int(ds.Columns)  # type: ignore[attr-defined]
+    try:
+        raw = np.asarray(ds.pixel_array)  # type: ignore[attr-defined]
     except Exception as exc:  # pydicom raises many types for unsupported/corrupt pixel data
         raise ImageReadError(where, f"cannot decode DICOM pixel data ({type(exc).__name__}: {exc})") from None
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    if frames > 1:
-        if frame is None or not 0 <= frame < frames:
-            raise ImageReadError(where, f"multi-frame DICOM with {frames} frames needs a frame index in [0, {frames})")
-        raw = raw[frame]
-    if raw.ndim != 2:
-        raise ImageReadError(where, f"expected a 2-D grayscale DICOM image, got shape {raw.shape}")
-    modality = str(getattr(ds, "Modality", "") or "")
-    values = apply_modality_lut(raw, ds).astype(np.float32)
-    if modality == "CT":
-        pixels = window(values, *ct_window)
+    raw = raw[None] if raw.ndim == 2 else raw
+    if raw.ndim != 3 or raw.shape[1:] != (rows, columns):
+        raise ImageReadError(where, f"expected 2-D grayscale DICOM frames, got shape {raw.shape}")
+    return raw
+
+
+def _float_attr(ds: object, keyword: str, default: float) -> float:
+    try:
+        value = float(getattr(ds, keyword, default))
+    except (TypeError, ValueError):
+        return default
+    return value if np.isfinite(value) else default
+
+
+def _dicom_pixels(ds: object, raw: np.ndarray, ct_window: tuple[float, float]) -> np.ndarray:
+    """One frame of stored values -> float32 [0, 1]: modality LUT to HU, CT window or VOI LUT, MONOCHROME1 inverted."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    if "ModalityLUTSequence" in ds:  # type: ignore[operator]
+        values = apply_modality_lut(raw, ds).astype(np.float32)
+    else:  # the common rescale: float32 arithmetic, no float64 copy of a large image
+        values = raw.astype(np.float32)
+        values *= np.float32(_float_attr(ds, "RescaleSlope", 1.0))
+        values += np.float32(_float_attr(ds, "RescaleIntercept", 0.0))
+    if str(getattr(ds, "Modality", "") or "") == "CT":
+        width, level = ct_window
+        values -= np.float32(level - width / 2.0)  # the lung window, in place: no second full-size copy
+        values /= np.float32(width)
+        pixels = np.clip(values, 0.0, 1.0, out=values)
     else:
-        if "VOILUTSequence" in ds or "WindowCenter" in ds:
-            values = apply_voi_lut(values, ds).astype(np.float32)
-        low, high = float(values.min()), float(values.max())
-        pixels = (values - low) / (high - low) if high > low else np.zeros_like(values)
+        if "VOILUTSequence" in ds or "WindowCenter" in ds:  # type: ignore[operator]
+            try:
+                values = apply_voi_lut(values, ds).astype(np.float32)
+            except Exception:  # a malformed VOI LUT or window: fall back to the full range
+                pass
+        finite = values[np.isfinite(values)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        with np.errstate(over="ignore", invalid="ignore"):
+            pixels = (values - np.float32(low)) / np.float32(high - low) if high > low else np.zeros_like(values)
     if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
         pixels = 1.0 - pixels
+    return finite01(pixels.astype(np.float32, copy=False))
+
+
+def _dicom_meta(ds: object, raw: np.ndarray) -> dict[str, object]:
+    """Technical fields only; the patient becomes a keyed hash (`patient_key`), never a name, ID or birth date."""
     meta: dict[str, object] = {
         "format": "DICOM",
         "mode": str(getattr(ds, "PhotometricInterpretation", "")),
-        "width": int(raw.shape[1]),
-        "height": int(raw.shape[0]),
-        "bit_depth": int(getattr(ds, "BitsStored", 0) or 0),
-        "modality": modality,
-        "frames": frames,
+        "width": int(raw.shape[2]),
+        "height": int(raw.shape[1]),
+        "bit_depth": int(_float_attr(ds, "BitsStored", 0)),
+        "modality": str(getattr(ds, "Modality", "") or ""),
+        "frames": int(raw.shape[0]),
     }
     if getattr(ds, "PatientID", ""):
-        meta["patient_key"] = patient_key(str(ds.PatientID))
-    return ImageData(pixels=pixels.astype(np.float32), meta=meta)
+        meta["patient_key"] = patient_key(str(ds.PatientID))  # type: ignore[attr-defined]
+    return meta
+
+
+def iter_dicom(data: bytes, where: str, ct_window: tuple[float, float] = LUNG_WINDOW, max_pixels: int = MAX_PIXELS) -> Iterator[ImageData]:
+    """Every frame of a DICOM file, decoded once."""
+    ds = _dicom_dataset(data, where)
+    raw = _dicom_frames(ds, where, max_pixels)
+    meta = _dicom_meta(ds, raw)
+    for frame in raw:
+        yield ImageData(pixels=_dicom_pixels(ds, frame, ct_window), meta=dict(meta))
+
+
+def read_dicom(
+    path: Path | BinaryIO, frame: int | None = None, ct_window: tuple[float, float] = LUNG_WINDOW, name: str | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> ImageData:
+    """Read one frame of a DICOM image (see `_dicom_pixels`); a multi-frame file needs `frame`."""
+    where = name or str(path)
+    data = path.read() if hasattr(path, "read") else Path(path).read_bytes()  # type: ignore[union-attr,arg-type]
+    ds = _dicom_dataset(data, where)
+    raw = _dicom_frames(ds, where, max_pixels)
+    frames = raw.shape[0]
+    if frames > 1 and (frame is None or not 0 <= frame < frames):
+        raise ImageReadError(where, f"multi-frame DICOM with {frames} frames needs a frame index in [0, {frames})")
+    return ImageData(pixels=_dicom_pixels(ds, raw[frame or 0], ct_window), meta=_dicom_meta(ds, raw))
 
 
 def nifti_slice_count(path: str | Path) -> int:
-    """Number of axial slices of a NIfTI volume (reads the header only)."""
-    import nibabel as nib
-
-    try:
-        image = nib.as_closest_canonical(nib.load(str(path)))
-    except Exception as exc:
-        raise ImageReadError(path, f"not a readable NIfTI file ({exc})") from None
-    if len(image.shape) < 3:
-        return 1
-    return int(image.shape[2])
-
-
-def _nifti_volume(image: object, where: str) -> np.ndarray:
-    """The canonical (x, y, slice) float volume of a nibabel image."""
-    import nibabel as nib
-
-    try:
-        image = nib.as_closest_canonical(image)
-        shape = image.shape  # type: ignore[attr-defined]
-        if len(shape) == 2:
-            return np.asarray(image.dataobj, np.float32)[..., None]  # type: ignore[attr-defined]
-        if len(shape) in (3, 4):
-            volume = np.asarray(image.dataobj, np.float32)  # type: ignore[attr-defined]
-            return volume[..., 0] if volume.ndim == 4 else volume
-    except Exception as exc:
-        raise ImageReadError(where, f"not a readable NIfTI file ({exc})") from None
-    raise ImageReadError(where, f"unsupported NIfTI shape {shape}")
-
-
-def _nifti_slice(volume: np.ndarray, index: int, bits: int, where: str, ct_window: tuple[float, float] = LUNG_WINDOW) -> ImageData:
-    # Canonical RAS has x to the patient's right on axis 0; rotate so rows run anterior->posterior.
-    values = np.rot90(volume[:, :, index]).astype(np.float32)
-    if float(volume.min()) < -500:
-        pixels = window(values, *ct_window)
-    else:
-        low, high = np.percentile(volume, [0.5, 99.5])
-        pixels = np.clip((values - low) / (high - low), 0, 1) if high > low else np.zeros_like(values)
-    meta: dict[str, object] = {
-        "format": "NIfTI", "mode": str(volume.dtype), "width": int(values.shape[1]), "height": int(values.shape[0]),
-        "bit_depth": bits, "modality": "", "frames": int(volume.shape[2]),
-    }
-    return ImageData(pixels=pixels.astype(np.float32), meta=meta)
+    """Number of axial slices of a NIfTI volume (reads the header only; refuses empty or oversized volumes)."""
+    return nifti.slice_count(path)
 
 
 def read_nifti(path: Path, frame: int | None, ct_window: tuple[float, float] = LUNG_WINDOW) -> ImageData:
@@ -235,19 +323,19 @@ def read_nifti(path: Path, frame: int | None, ct_window: tuple[float, float] = L
     Values that look like HU (minimum below -500) get the CT window; others
     are scaled by the volume's 0.5-99.5 percentiles.
     """
-    import nibabel as nib
+    volume = nifti.volume_from_file(path)
+    index = 0 if frame is None and volume.slices == 1 else frame
+    if index is None or not 0 <= index < volume.slices:
+        raise ImageReadError(path, f"NIfTI volume with {volume.slices} slices needs a slice index in [0, {volume.slices})")
+    return _nifti_image(volume, volume.slice_pixels(index, volume.window(), ct_window))
 
-    try:
-        image = nib.load(str(path))
-        bits = int(np.dtype(image.get_data_dtype()).itemsize * 8)
-    except Exception as exc:
-        raise ImageReadError(path, f"not a readable NIfTI file ({exc})") from None
-    volume = _nifti_volume(image, str(path))
-    slices = volume.shape[2]
-    index = 0 if frame is None and slices == 1 else frame
-    if index is None or not 0 <= index < slices:
-        raise ImageReadError(path, f"NIfTI volume with {slices} slices needs a slice index in [0, {slices})")
-    return _nifti_slice(volume, index, bits, str(path), ct_window)
+
+def _nifti_image(volume: nifti.Volume, pixels: np.ndarray) -> ImageData:
+    meta: dict[str, object] = {
+        "format": "NIfTI", "mode": str(volume.voxels.dtype), "width": int(pixels.shape[1]), "height": int(pixels.shape[0]),
+        "bit_depth": volume.bits, "modality": "", "frames": volume.slices,
+    }
+    return ImageData(pixels=pixels, meta=meta)
 
 
 def read_image(path: str | Path, frame: int | None = None, max_pixels: int = MAX_PIXELS) -> ImageData:
@@ -275,7 +363,7 @@ def resize_gray(pixels: np.ndarray, size: int) -> np.ndarray:
     A plain (anisotropic) resize, as in the seed studies; the aspect ratio is
     recorded in the manifest so the audit can check it as a shortcut.
     """
-    img = Image.fromarray(pixels.astype(np.float32), mode="F")
+    img = Image.fromarray(np.asarray(pixels, np.float32), mode="F")  # asarray: no extra copy of a float32 image
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
     return np.clip(np.round(np.asarray(img) * 255.0), 0, 255).astype(np.uint8)
@@ -286,76 +374,43 @@ def load_resized(path: str | Path, size: int, frame: int | None = None) -> np.nd
     return resize_gray(read_image(path, frame).pixels, size)
 
 
-MAX_UPLOAD_SLICES = 1024
-MAX_UPLOAD_VOXELS = 64_000_000  # 256 MB as float32
-MAX_INFLATED_BYTES = 1_000_000_000  # a gzip'ed NIfTI may not inflate beyond this (gzip bomb)
-
-
-def _nifti_header_size(data: bytes) -> int:
-    """sizeof_hdr of a NIfTI-1 (348) or NIfTI-2 (540) header in either byte order, else 0."""
-    for order in ("little", "big"):
-        size = int.from_bytes(data[:4], order)  # type: ignore[arg-type]
-        if size in (348, 540):
-            return size
-    return 0
-
-
 def sniff_kind(data: bytes) -> str:
     """'dicom', 'nifti', 'nifti.gz' or 'raster', from the bytes themselves (never a user-given name)."""
     if len(data) >= 132 and data[128:132] == b"DICM":
         return "dicom"
+    if data[:2] in _DICOM_GROUPS and len(data) >= 8 and data[4:6].isalpha() and data[4:6].isupper():
+        return "dicom"  # no preamble: a data set that starts with an explicit-VR element of group 0002/0008
     if data[:2] == b"\x1f\x8b":
         return "nifti.gz"
-    if len(data) >= 348 and _nifti_header_size(data) in (348, 540):
+    if len(data) >= 348 and nifti.header_size(data) in (348, 540):
         return "nifti"
     return "raster"
 
 
-def _gunzip(data: bytes, where: str) -> bytes:
-    import zlib
-
-    inflater = zlib.decompressobj(wbits=31)
-    try:
-        out = inflater.decompress(data, MAX_INFLATED_BYTES)
-    except zlib.error as exc:
-        raise ImageReadError(where, f"corrupt gzip data ({exc})") from None
-    if inflater.unconsumed_tail:
-        raise ImageReadError(where, f"gzip data inflates beyond {MAX_INFLATED_BYTES} bytes (decompression bomb?)")
-    return out
-
-
-def read_image_bytes(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXELS) -> list[ImageData]:
-    """Every slice/frame of an uploaded file, read in memory and recognised by content.
+def iter_image_bytes(data: bytes, name: str = "upload", max_pixels: int = MAX_UPLOAD_PIXELS) -> Iterator[ImageData]:
+    """Every slice/frame of an uploaded file, read in memory, recognised by content, decoded lazily.
 
     PNG/JPEG/BMP/TIFF give one image; a multi-frame DICOM or a NIfTI volume
-    gives one per slice. Errors name `name` (for messages only; never a path).
+    gives one per slice, each built only when the caller asks for it, so a
+    caller that resizes as it goes holds one full-size slice at a time. Every
+    declared size is checked before memory is allocated. Errors name `name`
+    (for messages only; never a path).
     """
-    import io
-
     if not data:
         raise ImageReadError(name, "file is empty (0 bytes)")
     kind = sniff_kind(data)
     if kind == "dicom":
-        import pydicom
+        yield from iter_dicom(data, name, max_pixels=max_pixels)
+    elif kind in ("nifti", "nifti.gz"):
+        volume = nifti.volume_from_bytes(data, name, gz=kind == "nifti.gz")
+        if volume.voxels.shape[0] * volume.voxels.shape[1] > max_pixels:
+            raise ImageReadError(name, f"NIfTI slices of {volume.voxels.shape[:2]} exceed the limit of {max_pixels} px")
+        for _, pixels in volume.iter_slices():
+            yield _nifti_image(volume, pixels)
+    else:
+        yield read_raster(io.BytesIO(data), max_pixels, name=name)
 
-        try:
-            frames = int(getattr(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True), "NumberOfFrames", 1) or 1)
-        except Exception:
-            raise ImageReadError(name, "not a valid DICOM file") from None
-        if frames > MAX_UPLOAD_SLICES:
-            raise ImageReadError(name, f"DICOM with {frames} frames exceeds the limit of {MAX_UPLOAD_SLICES}")
-        return [read_dicom(io.BytesIO(data), i if frames > 1 else None, name=name) for i in range(frames)]
-    if kind in ("nifti", "nifti.gz"):
-        import nibabel as nib
 
-        raw = _gunzip(data, name) if kind == "nifti.gz" else data
-        try:
-            image = (nib.Nifti2Image if _nifti_header_size(raw) == 540 else nib.Nifti1Image).from_bytes(raw)
-            bits = int(np.dtype(image.get_data_dtype()).itemsize * 8)
-        except Exception as exc:
-            raise ImageReadError(name, f"not a readable NIfTI file ({exc})") from None
-        volume = _nifti_volume(image, name)
-        if volume.shape[2] > MAX_UPLOAD_SLICES or volume.size > MAX_UPLOAD_VOXELS:
-            raise ImageReadError(name, f"NIfTI volume of shape {volume.shape} exceeds the upload limits")
-        return [_nifti_slice(volume, i, bits, name) for i in range(volume.shape[2])]
-    return [read_raster(io.BytesIO(data), max_pixels, name=name)]
+def read_image_bytes(data: bytes, name: str = "upload", max_pixels: int = MAX_UPLOAD_PIXELS) -> list[ImageData]:
+    """All of `iter_image_bytes` at once (small files; the service streams instead)."""
+    return list(iter_image_bytes(data, name, max_pixels))
