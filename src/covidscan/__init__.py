@@ -9,3 +9,9 @@ __version__ = "0.1.0"
 DISCLAIMER = (
     "Decision support only, not a diagnosis: a clinician must review every result."
 )
+
+# ONNX Runtime writes a device ID and a telemetry database under the user's home
+# unless this is set before it is imported; covidscan never sends or keeps telemetry.
+import os as _os
+
+_os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")

@@ -8,14 +8,20 @@ import sys
 from covidscan.errors import CovidscanError
 
 
+MAX_CONNECTIONS = 16  # open connections; beyond this uvicorn answers 503 (each may hold a body up to the upload limit)
+
+
 def run_server(bundle: str, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 50.0,
-               api_key: str | None = None, cors_origins: list[str] | None = None, threads: int = 0, workers: int = 1) -> None:
+               api_key: str | None = None, cors_origins: list[str] | None = None, threads: int = 0,
+               concurrency: int = 2, read_timeout_s: float = 30.0, max_connections: int = MAX_CONNECTIONS) -> None:
     import uvicorn
 
     from covidscan.serve.app import create_app
 
-    app = create_app(bundle, max_upload_mb, api_key or os.environ.get("COVIDSCAN_API_KEY") or None, cors_origins, threads)
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, workers=workers)
+    app = create_app(bundle, max_upload_mb, api_key or os.environ.get("COVIDSCAN_API_KEY") or None, cors_origins, threads,
+                     concurrency, read_timeout_s)
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, limit_concurrency=max_connections,
+                timeout_keep_alive=5)
 
 
 def main() -> None:
@@ -27,9 +33,13 @@ def main() -> None:
     parser.add_argument("--api-key", default=None, help="require this X-API-Key (or set COVIDSCAN_API_KEY)")
     parser.add_argument("--cors-origin", action="append", default=None, help="allow this browser origin (repeatable); off by default")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: all cores)")
+    parser.add_argument("--concurrency", type=int, default=2, help="uploads decoded and analysed at once (bounds memory)")
+    parser.add_argument("--read-timeout", type=float, default=30.0, help="seconds a request body may stall before 408")
+    parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, help="open connections before 503")
     args = parser.parse_args()
     try:
-        run_server(args.bundle, args.host, args.port, args.max_upload_mb, args.api_key, args.cors_origin, args.threads)
+        run_server(args.bundle, args.host, args.port, args.max_upload_mb, args.api_key, args.cors_origin, args.threads,
+                   args.concurrency, args.read_timeout, args.max_connections)
     except CovidscanError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

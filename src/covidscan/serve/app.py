@@ -1,16 +1,28 @@
 """REST API and web page over an exported bundle (FastAPI + ONNX Runtime; torch is never imported).
 
 Routes: GET / (the page), GET /api/v1/health, GET /api/v1/model, POST /api/v1/predict,
-OpenAPI docs at /docs. Every error is JSON {error, detail} with a 4xx status;
-uploads stay in memory and are never written under a user-given name; no DICOM
-patient field is read into a response or a log line.
+OpenAPI docs at /docs (Swagger UI served from the package, no CDN). Every error
+is JSON {error, detail} with a 4xx status; uploads stay in memory and are never
+written under a user-given name; no DICOM patient field is read into a response
+or a log line.
+
+Hostile input: the API key is checked before the body is read; bodies over the
+limit get 413 (also when chunked); a body that stops arriving gets 408 after
+`read_timeout_s`; decoding and inference run in worker threads, at most
+`concurrency` uploads at a time (the event loop and /health stay free), and every
+size a file declares is checked before memory is allocated (data/io.py,
+data/nifti.py). One bad file in a multi-file request is reported beside the
+other files' results.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import secrets
+import threading
 import time
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,7 +30,8 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.concurrency import run_in_threadpool
@@ -26,7 +39,7 @@ from starlette.formparsers import MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from covidscan import DISCLAIMER
-from covidscan.data.io import ImageReadError, read_image_bytes, sniff_kind
+from covidscan.data.io import ImageReadError, iter_image_bytes, sniff_kind
 from covidscan.explain.overlay import colorize, png_bytes
 from covidscan.serve.predictor import Bundle, SliceResult
 
@@ -34,7 +47,10 @@ log = logging.getLogger("covidscan.serve")
 
 API = "/api/v1"
 DEFAULT_MAX_UPLOAD_MB = 50.0
+DEFAULT_CONCURRENCY = 2  # uploads decoded and analysed at once; memory bound = concurrency x per-request bound
+DEFAULT_READ_TIMEOUT_S = 30.0  # a request body that stops arriving for this long is dropped (408)
 MAX_FILES = 64
+MAX_SLICES_PER_REQUEST = 1024
 HEATMAP_SLICES = 8  # per volume: heat maps for the most suspicious slices only
 _MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"II*\x00", b"MM\x00*", b"GIF8")
 
@@ -74,6 +90,7 @@ class FileOut(BaseModel):
     kind: str
     slices: list[SliceOut]
     study: StudyOut | None = None
+    error: ErrorBody | None = Field(None, description="Why this file gave no result (the other files' results stand).")
 
 
 class PredictOut(BaseModel):
@@ -86,40 +103,71 @@ class PredictOut(BaseModel):
     timing_ms: dict[str, float]
 
 
-class BodyLimit:
-    """413 before reading a body larger than the limit (by Content-Length, or while streaming)."""
+class Guard:
+    """ASGI middleware in front of the app: API key before the body, body size limit, body read timeout.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    The key is compared as bytes in constant time before a byte of the body is
+    read. A body over the limit is answered 413 whether it declared its length
+    or arrived chunked (the app's own answer to the cut-off body is dropped).
+    A body that stops arriving for `read_timeout_s` is answered 408.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, api_key: str | None, read_timeout_s: float) -> None:
+        self.app, self.max_bytes, self.read_timeout_s = app, max_bytes, read_timeout_s
+        self.api_key = api_key.encode("utf-8") if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        path = str(scope.get("path", ""))
+        if self.api_key and path.startswith(API) and path != f"{API}/health":
+            if not secrets.compare_digest(headers.get(b"x-api-key", b""), self.api_key):
+                await _answer(send, 401, "unauthorised", "missing or wrong X-API-Key header")
+                return
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._too_large(send)
+            await _answer(send, 413, "payload too large", f"upload exceeds the limit of {self.max_bytes / 1e6:.0f} MB")
             return
-        seen = 0
+        seen, refused, started = 0, [""], [False]
 
-        async def counted() -> Message:
+        async def guarded_receive() -> Message:
             nonlocal seen
-            message = await receive()
+            if refused[0]:
+                return {"type": "http.disconnect"}
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except asyncio.TimeoutError:
+                refused[0] = "timeout"
+                return {"type": "http.disconnect"}
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise ApiError(413, "payload too large", f"upload exceeds the limit of {self.max_bytes / 1e6:.0f} MB")
+                refused[0] = "size"
+                return {"type": "http.disconnect"}
             return message
 
-        try:
-            await self.app(scope, counted, send)
-        except ApiError as exc:
-            if exc.status != 413:
-                raise
-            await self._too_large(send)
+        async def guarded_send(message: Message) -> None:
+            if refused[0]:
+                return  # the app's answer to a cut-off body is replaced below
+            started[0] = True
+            await send(message)
 
-    async def _too_large(self, send: Send) -> None:
-        response = JSONResponse({"error": "payload too large", "detail": f"upload exceeds the limit of {self.max_bytes / 1e6:.0f} MB"}, 413)
-        await response({"type": "http"}, _never_receive, send)
+        try:
+            await self.app(scope, guarded_receive, guarded_send)
+        except Exception:
+            if not refused[0]:
+                raise
+        if refused[0] and not started[0]:
+            if refused[0] == "size":
+                await _answer(send, 413, "payload too large", f"upload exceeds the limit of {self.max_bytes / 1e6:.0f} MB")
+            else:
+                await _answer(send, 408, "request timeout", f"the request body stopped arriving for {self.read_timeout_s:.0f} s")
+
+
+async def _answer(send: Send, status: int, error: str, detail: str) -> None:
+    response = JSONResponse({"error": error, "detail": detail}, status, headers={"Connection": "close"})
+    await response({"type": "http"}, _never_receive, send)
 
 
 async def _never_receive() -> Message:
@@ -144,18 +192,30 @@ def _study(results: list[SliceResult], classes: list[str], threshold: float) -> 
     return StudyOut(label=label, probability=probability if top else 0.0, slices_used=len(kept), slices_refused=len(results) - len(kept))
 
 
-def _decode(data: bytes, name: str) -> tuple[str, list[np.ndarray]]:
-    """Uploaded bytes -> (kind, gray slices); 415 for unknown types, 422 for unreadable ones."""
+def _images(data: bytes, name: str) -> tuple[str, Iterator[np.ndarray]]:
+    """Uploaded bytes -> (kind, lazily decoded gray slices); 415 for unknown types, 422 for unreadable ones."""
     if not data:
         raise ApiError(422, "empty file", f"{name}: file is empty (0 bytes)")
     kind = sniff_kind(data)
     if kind == "raster" and not data.startswith(_MAGIC):
         raise ApiError(415, "unsupported media type", f"{name}: not a PNG, JPEG, BMP, TIFF, DICOM or NIfTI file")
+    return kind, (image.pixels for image in iter_image_bytes(data, name))
+
+
+def _gate_refusal(name: str, distance: float, threshold: float) -> ApiError:
+    return ApiError(422, "unlike the training data", (
+        f"{name}: this image is unlike the chest CT slices the model was trained on "
+        f"(distance {distance:.1f} > {threshold:.1f}); no prediction is given"))
+
+
+def _swagger_assets() -> Path | None:
+    """Swagger UI's files from the swagger-ui-py package, so /docs works offline (no CDN)."""
     try:
-        images = read_image_bytes(data, name)
-    except ImageReadError as exc:
-        raise ApiError(422, "unreadable image", str(exc)) from None
-    return kind, [image.pixels for image in images]
+        import swagger_ui
+    except ImportError:
+        return None
+    folder = Path(swagger_ui.__file__).parent / "static"
+    return folder if (folder / "swagger-ui-bundle.js").is_file() else None
 
 
 def create_app(
@@ -164,20 +224,26 @@ def create_app(
     api_key: str | None = None,
     cors_origins: list[str] | None = None,
     threads: int = 0,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
 ) -> FastAPI:
     """The service for one bundle. CORS stays off unless origins are given."""
     bundle = Bundle(bundle_dir, threads=threads)
+    bundle.warm_up()
     app = FastAPI(
         title="covidscan",
         version=bundle.version,
         description=f"COVID-19 on chest CT: probabilities and heat maps. {DISCLAIMER}",
+        docs_url=None,
+        redoc_url=None,
     )
+    busy = threading.BoundedSemaphore(max(1, concurrency))  # a thread lock: works whatever event loop calls us
     app.state.bundle = bundle
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"], allow_headers=["X-API-Key"])
-    app.add_middleware(BodyLimit, max_bytes=int(max_upload_mb * 1e6))
+    app.add_middleware(Guard, max_bytes=int(max_upload_mb * 1e6), api_key=api_key, read_timeout_s=read_timeout_s)
     # Starlette spools uploads above 1 MB to (randomly named) temporary files; the body limit above
     # bounds memory, so keep every upload in memory instead. Process-wide: one service per process.
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, int(max_upload_mb * 1e6))
@@ -202,8 +268,38 @@ def create_app(
         return JSONResponse({"error": "internal error", "detail": "the server failed; the incident was logged"}, 500)
 
     def check_key(request: Request) -> None:
-        if api_key and not secrets.compare_digest(request.headers.get("x-api-key", ""), api_key):
+        """Already checked by Guard before the body; kept so a route never runs unguarded."""
+        if api_key and not secrets.compare_digest(request.headers.get("x-api-key", "").encode("latin-1"), api_key.encode("utf-8")):
             raise ApiError(401, "unauthorised", "missing or wrong X-API-Key header")
+
+    swagger = _swagger_assets()
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        if swagger is None:
+            return HTMLResponse("<p>API docs need the swagger-ui-py package; the schema is at <a href='/openapi.json'>/openapi.json</a>.</p>")
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="covidscan API", swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css", swagger_favicon_url="/docs-assets/favicon-32x32.png")
+
+    @app.get("/docs-assets/{name}", include_in_schema=False)
+    def docs_asset(name: str) -> FileResponse:
+        if swagger is None or name not in ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png"):
+            raise ApiError(404, "not found", f"no documentation asset {name!r}")
+        return FileResponse(swagger / name)
+
+    def analyse_file(data: bytes, name: str, heatmap: bool, budget: int) -> tuple[str, list[SliceResult]]:
+        """Decode, resize as each slice arrives (one full-size slice in memory at a time), analyse. In a worker thread."""
+        with busy:
+            kind, images = _images(data, name)
+            prepared = []
+            try:
+                for pixels in images:
+                    if len(prepared) >= budget:
+                        raise ApiError(413, "too many slices", f"{name}: more than {MAX_SLICES_PER_REQUEST} slices in one request")
+                    prepared.append(bundle.prepare(pixels))
+            except ImageReadError as exc:
+                raise ApiError(422, "unreadable image", str(exc)) from None
+            return kind, bundle.analyse(prepared, heatmap, heatmap_top=HEATMAP_SLICES)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
@@ -229,41 +325,52 @@ def create_app(
         started = time.perf_counter()
         if len(files) > MAX_FILES:
             raise ApiError(413, "too many files", f"{len(files)} files; at most {MAX_FILES} per request")
-        decoded = []
+        out_files: list[FileOut] = []
+        all_results: list[SliceResult] = []
+        failures: list[ApiError] = []
         for position, upload in enumerate(files):
             name = f"#{position + 1} {(upload.filename or 'upload')[:120]}"
-            decoded.append((name, *_decode(await upload.read(), name)))
-        read_ms = (time.perf_counter() - started) * 1000
-        out_files, all_results = [], []
-        for name, kind, images in decoded:
-            # In a worker thread (ONNX Runtime releases the GIL): health checks stay answered during a long volume.
-            results = await run_in_threadpool(bundle.analyse, images, heatmap)
-            all_results += results
-            volume = len(results) > 1
-            if not volume and not results[0].in_distribution:
-                raise ApiError(422, "not a chest CT image", (
-                    f"{name}: this image does not look like the chest CT slices the model was trained on "
-                    f"(distance {results[0].gate_distance:.1f} > {bundle.gate_threshold:.1f}); no prediction is given"))
-            shown = set(np.argsort([-r.probabilities[bundle.classes[-1]] for r in results])[:HEATMAP_SLICES].tolist())
-            slices = [
-                SliceOut(
-                    index=i, label=r.label, probabilities=r.probabilities, in_distribution=r.in_distribution, gate_distance=r.gate_distance,
-                    image_png=_b64png(r.image) if heatmap and r.image is not None and i in shown else None,
-                    heatmap_png=_b64png(_heat_rgba(r.heatmap)) if heatmap and r.heatmap is not None and i in shown else None,
-                )
-                for i, r in enumerate(results)
-            ]
-            file_study = _study(results, bundle.classes, bundle.threshold) if volume else None
-            if file_study is not None and file_study.slices_used == 0:
-                raise ApiError(422, "not a chest CT image", f"{name}: none of its {len(results)} slices looks like a chest CT slice")
-            out_files.append(FileOut(file=name, kind=kind, slices=slices, study=file_study))
+            try:
+                kind, results = await run_in_threadpool(analyse_file, await upload.read(), name, heatmap, MAX_SLICES_PER_REQUEST - len(all_results))
+                out_files.append(_file_out(name, kind, results, heatmap))
+                all_results += results
+            except ApiError as exc:
+                failures.append(exc)
+                out_files.append(FileOut(file=name, kind="", slices=[], error=ErrorBody(error=exc.error, detail=exc.detail)))
+            finally:
+                await upload.close()
+        if failures and len(failures) == len(files):  # nothing to show: answer with the error itself
+            statuses = {f.status for f in failures}
+            status = statuses.pop() if len(statuses) == 1 else 422
+            raise ApiError(status, failures[0].error if len(failures) == 1 else "no usable file",
+                           " | ".join(f.detail for f in failures)[:2000])
         total_ms = (time.perf_counter() - started) * 1000
-        log.info("predict: %d file(s), %d slice(s), %.1f ms", len(files), len(all_results), total_ms)
+        log.info("predict: %d file(s), %d slice(s), %d refused file(s), %.1f ms", len(files), len(all_results), len(failures), total_ms)
         return PredictOut(
             decision_support=DISCLAIMER, model_version=bundle.version, threshold=bundle.threshold,
             positive_class=bundle.classes[-1], results=out_files,
             study=_study(all_results, bundle.classes, bundle.threshold) if study and len(all_results) > 1 else None,
-            timing_ms={"decode": round(read_ms, 2), "total": round(total_ms, 2)},
+            timing_ms={"total": round(total_ms, 2)},
         )
+
+    def _file_out(name: str, kind: str, results: list[SliceResult], heatmap: bool) -> FileOut:
+        volume = len(results) > 1
+        if not results:
+            raise ApiError(422, "unreadable image", f"{name}: the file holds no image")
+        if not volume and not results[0].in_distribution:
+            raise _gate_refusal(name, results[0].gate_distance, bundle.gate_threshold)
+        shown = {i for i, r in enumerate(results) if r.heatmap is not None}  # the most suspicious slices (Bundle.analyse)
+        slices = [
+            SliceOut(
+                index=i, label=r.label, probabilities=r.probabilities, in_distribution=r.in_distribution, gate_distance=r.gate_distance,
+                image_png=_b64png(r.image) if heatmap and r.image is not None and i in shown else None,
+                heatmap_png=_b64png(_heat_rgba(r.heatmap)) if heatmap and r.heatmap is not None and i in shown else None,
+            )
+            for i, r in enumerate(results)
+        ]
+        file_study = _study(results, bundle.classes, bundle.threshold) if volume else None
+        if file_study is not None and file_study.slices_used == 0:
+            raise ApiError(422, "unlike the training data", f"{name}: none of its {len(results)} slices is like the chest CT slices the model was trained on")
+        return FileOut(file=name, kind=kind, slices=slices, study=file_study)
 
     return app

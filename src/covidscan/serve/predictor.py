@@ -13,6 +13,7 @@ import numpy as np
 
 from covidscan import DISCLAIMER
 from covidscan.data.io import resize_gray
+from covidscan.atomic import recover_folder
 from covidscan.errors import CovidscanError
 from covidscan.model_card import read_model_card
 
@@ -36,6 +37,7 @@ class Bundle:
         import onnxruntime as ort
 
         self.folder = Path(folder)
+        recover_folder(self.folder)  # an export killed mid-swap leaves the previous bundle aside
         missing = [name for name in BUNDLE_FILES if not (self.folder / name).is_file()]
         if missing:
             raise CovidscanError(f"{self.folder}: not a model bundle (missing {', '.join(missing)}); make one with `covidscan export RUN`")
@@ -97,16 +99,34 @@ class Bundle:
         z = (np.asarray(gate_features, np.float64) - ref["center"]) @ ref["projection"].T - ref["location"]
         return np.sqrt(np.maximum(np.einsum("nd,de,ne->n", z, ref["precision"], z), 0.0))
 
-    def analyse(self, images: list[np.ndarray], heatmaps: bool = True, batch_size: int = 32) -> list[SliceResult]:
-        """Gray float images in [0, 1] of any size -> one result per image."""
-        resized = np.stack([resize_gray(np.asarray(img, np.float32), self.size) for img in images]) if images else np.zeros((0, self.size, self.size), np.uint8)
+    def prepare(self, pixels: np.ndarray) -> np.ndarray:
+        """Gray float image in [0, 1] of any size -> the model's uint8 input (size x size), as in training."""
+        return resize_gray(np.asarray(pixels, np.float32), self.size)
+
+    def warm_up(self, batch_size: int = 32) -> None:
+        """Run one full batch, so ONNX Runtime's memory arena has its working size before the first request."""
+        self.run(np.zeros((batch_size, 1, self.size, self.size), np.float32))
+
+    def analyse(self, images: list[np.ndarray], heatmaps: bool = True, batch_size: int = 32, heatmap_top: int = 0) -> list[SliceResult]:
+        """Gray float images in [0, 1] of any size (or already prepared uint8 inputs) -> one result per image.
+
+        heatmap_top > 0: heat maps only for that many slices, the most suspicious
+        (the rest would be computed and thrown away; a 1000-slice volume would
+        hold 1000 maps).
+        """
+        prepared = [img if img.dtype == np.uint8 and img.shape == (self.size, self.size) else self.prepare(img) for img in images]
+        resized = np.stack(prepared) if prepared else np.zeros((0, self.size, self.size), np.uint8)
         results: list[SliceResult] = []
         positive = len(self.classes) - 1
+        kept: list[tuple[float, int, np.ndarray]] = []  # (P(positive), index, feature map) of the top slices so far
         for start in range(0, len(resized), batch_size):
             chunk = resized[start : start + batch_size]
             probs, features, gate_features = self.run((chunk[:, None].astype(np.float32) / 255.0))
             distance = self.gate(gate_features)
-            maps = self.cam(features, positive) if heatmaps else [None] * len(chunk)
+            if heatmaps and heatmap_top:
+                kept = sorted(kept + [(float(p[positive]), start + i, f) for i, (p, f) in enumerate(zip(probs, features))],
+                              key=lambda item: (-item[0], item[1]))[:heatmap_top]
+            maps = self.cam(features, positive) if heatmaps and not heatmap_top else [None] * len(chunk)
             for image, p, d, heat in zip(chunk, probs, distance, maps):
                 if len(self.classes) == 2:
                     label = self.classes[1] if p[1] >= self.threshold else self.classes[0]
@@ -116,5 +136,8 @@ class Bundle:
                     probabilities={c: float(v) for c, v in zip(self.classes, p)}, label=label,
                     in_distribution=bool(d <= self.gate_threshold), gate_distance=float(d), heatmap=heat, image=image,
                 ))
+        if kept:
+            for (_, index, _), heat in zip(kept, self.cam(np.stack([f for _, _, f in kept]), positive)):
+                results[index].heatmap = heat
         return results
 
