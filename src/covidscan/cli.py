@@ -281,16 +281,33 @@ def _print_summary(metrics: dict[str, object], run_dir: Path) -> None:
 
 @app.command("predict")
 def predict_command(
-    model: Annotated[Path, typer.Argument(help="Run folder (or its model.json).")],
-    images: Annotated[list[Path], typer.Argument(help="PNG/JPEG image files.")],
+    model: Annotated[Path, typer.Argument(help="Run folder (or its model.json), or an exported bundle (then the input gate applies).")],
+    images: Annotated[list[Path], typer.Argument(help="PNG, JPEG, BMP, TIFF or single-frame DICOM files.")],
 ) -> None:
     """Print class probabilities and the predicted label for each image."""
     from covidscan.predict import Predictor
 
+    if (model / "model.onnx").is_file() and (model / "gate.npz").is_file():
+        _predict_with_bundle(model, images)
+        return
     predictor = Predictor(model)
     for prediction in predictor.predict(list(images)):
         probs = "  ".join(f"P({name})={value:.3f}" for name, value in prediction.probabilities.items())
         _log(f"{prediction.path}: {prediction.label}  {probs}")
+    console.print(DISCLAIMER, style="italic", markup=False)
+
+
+def _predict_with_bundle(folder: Path, images: list[Path]) -> None:
+    """The served model on image files: ONNX Runtime, with the input gate as the service applies it."""
+    from covidscan.data.io import read_image
+    from covidscan.serve.predictor import Bundle
+
+    bundle = Bundle(folder)
+    for path in images:
+        result = bundle.analyse([read_image(path).pixels], heatmaps=False)[0]
+        probs = "  ".join(f"P({name})={value:.3f}" for name, value in result.probabilities.items())
+        verdict = result.label if result.in_distribution else "refused (unlike the training data)"
+        _log(f"{path}: {verdict}  {probs}  gate distance {result.gate_distance:.1f} (limit {bundle.gate_threshold:.1f})")
     console.print(DISCLAIMER, style="italic", markup=False)
 
 
@@ -330,6 +347,9 @@ def serve_command(
     max_upload_mb: Annotated[float, typer.Option(help="Largest request body accepted (413 above).")] = 50.0,
     api_key: Annotated[Optional[str], typer.Option(help="Require this X-API-Key header (or set COVIDSCAN_API_KEY).")] = None,
     cors_origin: Annotated[Optional[list[str]], typer.Option(help="Allow this browser origin (repeatable); CORS is off by default.")] = None,
+    concurrency: Annotated[int, typer.Option(help="Uploads decoded and analysed at once (memory bound = this x the per-request bound).")] = 2,
+    read_timeout: Annotated[float, typer.Option(help="Seconds a request body may stall before the server answers 408.")] = 30.0,
+    max_connections: Annotated[int, typer.Option(help="Open connections before the server answers 503.")] = 16,
 ) -> None:
     """Serve the web page and REST API for an exported model (ONNX Runtime; no torch)."""
     from covidscan.serve.__main__ import run_server
@@ -337,7 +357,7 @@ def serve_command(
     if (bundle / "bundle" / "model.onnx").is_file():
         bundle = bundle / "bundle"
     _log(f"covidscan service on http://{host}:{port}/  (API docs: /docs)  {DISCLAIMER}")
-    run_server(str(bundle), host, port, max_upload_mb, api_key, cors_origin)
+    run_server(str(bundle), host, port, max_upload_mb, api_key, cors_origin, 0, concurrency, read_timeout, max_connections)
 
 
 @app.command("models")
@@ -346,10 +366,10 @@ def models_command() -> None:
     from covidscan.models.registry import list_backbones
 
     for spec in list_backbones():
-        _log(f"[bold]{spec.name}[/bold]  {spec.input_size} px  CAM layer '{spec.cam_layer}'  {spec.notes}")
+        _log(f"{spec.name}  {spec.input_size} px  CAM layer '{spec.cam_layer}'  {spec.notes}")
         for source in spec.weight_sources:
             _log(f"    weights: {source}")
-    _log("Any other timm model name works too, with --set model.weights=FILE or hub.")
+    _log("Any other timm model name works too, with --set model.weights=FILE (a local weights file) or --set model.weights=hub (online).")
 
 
 @app.command("demo")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -137,9 +138,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"{path}: config file does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections")
         for section, values in data.items():
@@ -152,13 +155,40 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         section, dot, key = name.strip().partition(".")
         if not sep or not dot:
             raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.epochs=5")
-        _apply(config, section, key, yaml.safe_load(raw) if raw.strip() else "", f"override {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML; quote strings, e.g. {name}='{raw}'") from None
+        _apply(config, section, key, value, f"override {item!r}")
     validate_config(config)
     return config
 
 
+MIN_IMAGE_SIZE = 32  # five stride-2 stages leave a 1x1 feature map; smaller inputs break the backbones
+
+
 def validate_config(config: RunConfig) -> None:
     from covidscan.models.classifier import TRANSFER_MODES
+
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        for item in dataclasses.fields(values):
+            value = getattr(values, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section.name}.{item.name} must be a finite number, got {value}")
+    size = config.data.image_size
+    if size != 0 and not MIN_IMAGE_SIZE <= size <= 1024:
+        raise ConfigError(f"data.image_size must be 0 (the backbone's size) or between {MIN_IMAGE_SIZE} and 1024, got {size}")
+    if not config.data.positive_class.strip():
+        raise ConfigError("data.positive_class must name a class, e.g. COVID")
+    for name in ("head_epochs", "unfreeze_epochs", "patience", "threads"):
+        if getattr(config.train, name) < 0:
+            raise ConfigError(f"train.{name} must not be negative")
+    if config.train.weight_decay < 0 or not 0 < config.train.backbone_lr_scale <= 1 or not 0 < config.train.layer_decay <= 1:
+        raise ConfigError("train.weight_decay must be >= 0; train.backbone_lr_scale and train.layer_decay must be in (0, 1]")
+    e = config.evaluate
+    if e.bootstrap < 0 or e.top_k < 1 or e.gallery_per_cell < 0 or e.plausibility_images < 0 or e.tsne_points < 0:
+        raise ConfigError("evaluate.bootstrap, gallery_per_cell, plausibility_images and tsne_points must be >= 0, top_k >= 1")
 
     if config.model.transfer not in TRANSFER_MODES:
         raise ConfigError(f"model.transfer must be one of {list(TRANSFER_MODES)}, got {config.model.transfer!r}")

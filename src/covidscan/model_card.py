@@ -26,14 +26,25 @@ def read_model_card(path: Path, missing: str) -> ModelCard:
     if not path.is_file():
         raise CovidscanError(missing)
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CovidscanError(f"{path}: not valid JSON ({exc})") from None
-    calibration = raw.get("calibration") or {}
-    return ModelCard(
-        raw=raw,
-        classes=[str(c) for c in raw["classes"]],
-        size=int(raw["image_size"]),
-        threshold=float(raw.get("threshold", 0.5)),
-        temperature=float(calibration.get("temperature", 1.0)),
-    )
+    if not isinstance(raw, dict):
+        raise CovidscanError(f"{path}: not a model card (expected a JSON object, got {type(raw).__name__})")
+    try:
+        calibration = raw.get("calibration") or {}
+        card = ModelCard(
+            raw=raw,
+            classes=[str(c) for c in raw["classes"]],
+            size=int(raw["image_size"]),
+            threshold=float(raw.get("threshold", 0.5)),
+            temperature=float(calibration.get("temperature", 1.0)),
+        )
+    except KeyError as exc:
+        raise CovidscanError(f"{path}: not a model card (no {exc.args[0]!r} field)") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise CovidscanError(f"{path}: malformed model card ({exc})") from None
+    if len(card.classes) < 2 or not 8 <= card.size <= 4096 or not (card.temperature > 0 and 0 <= card.threshold <= 1):
+        raise CovidscanError(f"{path}: malformed model card (classes {card.classes}, image_size {card.size}, "
+                             f"threshold {card.threshold}, temperature {card.temperature})")
+    return card

@@ -5,7 +5,6 @@ checkpoints/{last,best}.safetensors, history.jsonl, metrics.json, report.html.
 """
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ from covidscan.data.io import load_resized
 from covidscan.data.manifest import class_names, image_refs, save_manifest
 from covidscan.data.split import leakage_report, leakage_threshold, split_manifest
 from covidscan.data.transforms import Normaliser
-from covidscan.errors import DataError
+from covidscan.errors import ConfigError, DataError
 from covidscan.evaluate.evaluation import evaluate_run, fit_calibration
 from covidscan.models.classifier import CovidClassifier
 from covidscan.models.embed import manifest_embeddings
@@ -46,7 +45,12 @@ def load_image_array(
 def ordered_classes(frame: pd.DataFrame, positive: str) -> list[str]:
     """Class order of the model's outputs: for two classes the positive one is last (index 1)."""
     classes = class_names(frame)
-    if len(classes) == 2 and positive in classes:
+    if len(classes) == 2:
+        if positive not in classes:
+            # Never fall back to the sorted order: the wrong positive class silently inverts every metric.
+            close = [c for c in classes if c.lower() == positive.lower()]
+            hint = f"; did you mean {close[0]!r}? (class names are case-sensitive)" if close else ""
+            raise ConfigError(f"data.positive_class={positive!r} is not one of the classes {classes}{hint}")
         classes = [c for c in classes if c != positive] + [positive]
     return classes
 
@@ -196,14 +200,7 @@ def data_summary(frame: pd.DataFrame) -> dict[str, object]:
 
 def publish_run_dir(staging: Path, final: Path) -> Path:
     """Swap a finished staging folder into place; the old run is removed only after the swap."""
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        final.rename(old)
-    staging.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
+    atomic.swap_folder(staging, final)
     return final
 
 

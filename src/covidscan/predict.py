@@ -10,6 +10,7 @@ import torch
 from covidscan import DISCLAIMER
 from covidscan.data.io import load_resized
 from covidscan.data.transforms import Normaliser, to_float
+from covidscan.errors import CovidscanError
 from covidscan.model_card import read_model_card
 from covidscan.models.classifier import CovidClassifier
 from covidscan.train.checkpoint import load_checkpoint
@@ -33,6 +34,9 @@ class Predictor:
         card = read_model_card(card_path, f"{model_path}: not a run folder (no model.json); train one with `covidscan train` or `make demo`")
         self.folder = card_path.parent
         self.card = card.raw
+        if "weights" not in self.card or "normalise" not in self.card:
+            hint = "; `covidscan predict` reads bundles too" if (self.folder / "model.onnx").is_file() else ""
+            raise CovidscanError(f"{self.folder}: not a training run's model card (no weights){hint}")
         self.classes, self.size, self.threshold, self.temperature = card.classes, card.size, card.threshold, card.temperature
         self.normaliser = Normaliser(**self.card["normalise"])
         self.model = CovidClassifier(

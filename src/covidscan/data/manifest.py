@@ -44,6 +44,11 @@ def validate_manifest(frame: pd.DataFrame, where: str | Path = "manifest") -> pd
         bad = sorted(set(frame["split"].astype(str)) - set(SPLITS) - {""})
         if bad:
             raise DataError(where, f"unknown split value(s) {bad}; allowed: {list(SPLITS)}")
+    if "slice_index" in frame.columns:
+        values = frame["slice_index"].astype(str).str.strip()
+        bad_rows = [i for i, v in enumerate(values) if v not in ("", "nan") and not (v.isdigit() or (v.endswith(".0") and v[:-2].isdigit()))]
+        if bad_rows:
+            raise DataError(where, f"slice_index must be empty or a whole number >= 0; row {bad_rows[0] + 2} has {values.iloc[bad_rows[0]]!r}")
     return frame
 
 

@@ -33,6 +33,17 @@ class PhantomSpec:
     seed: int = 0
     scanner: str = "A"  # "B": another hospital's scanner (other window and more noise), for external tests
 
+    def __post_init__(self) -> None:
+        from covidscan.errors import ConfigError
+
+        if self.patients_per_class < 1 or self.slices_per_patient < 1:
+            raise ConfigError(f"phantom: patients per class and slices per patient must be at least 1 "
+                              f"(got {self.patients_per_class} and {self.slices_per_patient})")
+        if not 32 <= self.image_size <= 2048:
+            raise ConfigError(f"phantom: image size must be between 32 and 2048 px, got {self.image_size}")
+        if self.scanner not in ("A", "B"):
+            raise ConfigError(f"phantom: scanner must be 'A' or 'B', got {self.scanner!r}")
+
 
 @dataclass(frozen=True)
 class _Lesion:

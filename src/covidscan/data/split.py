@@ -275,7 +275,14 @@ def split_manifest(
     """Assign `group` and `split` (or `fold`) columns and measure the split's leakage."""
     if by not in SPLIT_METHODS:
         raise DataError(where, f"unknown split method {by!r}; choose one of {list(SPLIT_METHODS)}")
+    if folds:
+        if folds < 2:
+            raise DataError(where, f"--folds must be at least 2, got {folds}")
+    elif not (0.0 < test_size < 1.0 and 0.0 < val_size < 1.0 and test_size + val_size < 1.0):
+        raise DataError(where, f"test size {test_size} and validation size {val_size} must each be in (0, 1) and sum to less than 1")
     labels = frame["label"].astype(str).to_numpy()
+    if len(set(labels)) < 2:
+        raise DataError(where, f"only one class ({labels[0]!r}) in the manifest: a split needs at least two classes to stratify and to evaluate")
     out = frame.copy()
     warning = ""
     if by == "patient":

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from covidscan import DISCLAIMER, atomic
+from covidscan.atomic import read_json_object
 from covidscan.config import EvaluateConfig
 from covidscan.errors import DataError
 from covidscan.evaluate.aggregate import aggregate_by_patient
@@ -236,7 +237,7 @@ def evaluate_run(
     sets: dict[str, pd.DataFrame] = {IN_DOMAIN: frame[frame["split"] == "test"].reset_index(drop=True)}
     for path in sorted((run_dir / "external").glob("*.csv")):
         sets[path.stem] = load_manifest(path)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = read_json_object(run_dir / "metrics.json")
     calibration = predictor.card.get("calibration") or {"temperature": 1.0, "operating_points": {"default": 0.5}}
     model, normaliser = predictor.model, predictor.normaliser
     evaluation: dict[str, object] = {"calibration": calibration, "tta": cfg.tta, "sets": {}}

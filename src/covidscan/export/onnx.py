@@ -186,9 +186,7 @@ def export_model(
     })
     card.pop("weights", None)
     atomic.write_text(staging / "model.json", json.dumps(card, indent=1) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
+    atomic.swap_folder(staging, out_dir)
     return card
 
 

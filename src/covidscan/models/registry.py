@@ -38,7 +38,7 @@ class BackboneSpec:
         sources = []
         if self.packaged_weights:
             sources.append(f"packaged (PyPI: {self.packaged_weights})")
-        sources.append("--weights FILE (timm/torchvision state dict)")
+        sources.append("--set model.weights=FILE (timm/torchvision state dict)")
         sources.append(f"hub (online only: timm '{self.timm_name}{'.' + self.hub_tag if self.hub_tag else ''}')")
         return sources
 
@@ -66,7 +66,7 @@ def get_backbone(name: str) -> BackboneSpec:
     if name in timm.list_models():
         return BackboneSpec(
             name=name, timm_name=name, input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-            cam_layer="", notes="unregistered timm model: weights from --weights FILE or the hub",
+            cam_layer="", notes="unregistered timm model: weights from --set model.weights=FILE or =hub",
         )
     close = difflib.get_close_matches(name, list(_REGISTRY) + timm.list_models(), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""

