@@ -1,6 +1,8 @@
 """Shared fixtures: small synthetic data sets made in the test, never real data."""
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,8 @@ import torch
 from covidscan.data.phantom import PhantomSpec, generate_phantom_dataset
 
 torch.set_num_threads(2)
+# The patient-key secret of this test session (never the developer's own ~/.config one); subprocesses inherit it.
+os.environ["COVIDSCAN_SECRET_FILE"] = os.path.join(tempfile.mkdtemp(prefix="covidscan-secret-"), "patient-key.secret")
 
 
 @pytest.fixture(scope="session")
