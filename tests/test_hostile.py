@@ -227,3 +227,20 @@ def test_stalled_body_gets_408_and_chunked_body_over_the_limit_gets_413(live: in
         pass  # the server may close as soon as it has answered
     answer = _read_answer(sock)
     assert answer.startswith(b"HTTP/1.1 413") and b"payload too large" in answer, answer[:200]
+
+
+def test_a_volume_is_read_once_for_all_its_slices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Indexing lists every slice of a volume as a row; reading them must not re-read the volume per slice."""
+    import numpy as np
+
+    from covidscan.data import io as cio
+    from covidscan.data import nifti
+
+    path = tmp_path / "v.nii"
+    path.write_bytes(corpus.nifti(corpus.ct_volume((32, 32, 12))))
+    reads = []
+    original = nifti.volume_from_file
+    monkeypatch.setattr(nifti, "volume_from_file", lambda p: reads.append(p) or original(p))
+    cio._cached_volume.cache_clear()
+    slices = [cio.read_image(path, i).pixels for i in range(12)]
+    assert len(reads) == 1 and len(slices) == 12 and all(np.isfinite(s).all() for s in slices)

@@ -10,6 +10,7 @@ import warnings
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
 
@@ -293,6 +294,7 @@ def iter_dicom(data: bytes, where: str, ct_window: tuple[float, float] = LUNG_WI
     ds = _dicom_dataset(data, where)
     raw = _dicom_frames(ds, where, max_pixels)
     meta = _dicom_meta(ds, raw)
+    del ds.PixelData  # type: ignore[attr-defined]  # decoded: the encoded copy is no longer needed
     for frame in raw:
         yield ImageData(pixels=_dicom_pixels(ds, frame, ct_window), meta=dict(meta))
 
@@ -323,11 +325,19 @@ def read_nifti(path: Path, frame: int | None, ct_window: tuple[float, float] = L
     Values that look like HU (minimum below -500) get the CT window; others
     are scaled by the volume's 0.5-99.5 percentiles.
     """
-    volume = nifti.volume_from_file(path)
+    stat = Path(path).stat()
+    volume, stats = _cached_volume(str(path), stat.st_mtime_ns, stat.st_size)
     index = 0 if frame is None and volume.slices == 1 else frame
     if index is None or not 0 <= index < volume.slices:
         raise ImageReadError(path, f"NIfTI volume with {volume.slices} slices needs a slice index in [0, {volume.slices})")
-    return _nifti_image(volume, volume.slice_pixels(index, volume.window(), ct_window))
+    return _nifti_image(volume, volume.slice_pixels(index, stats, ct_window))
+
+
+@lru_cache(maxsize=2)
+def _cached_volume(path: str, mtime_ns: int, size: int) -> tuple[nifti.Volume, tuple[bool, float, float]]:
+    """Manifests list a volume's slices in a row: read and measure it once, not once per slice (keyed on mtime and size)."""
+    volume = nifti.volume_from_file(path)
+    return volume, volume.window()
 
 
 def _nifti_image(volume: nifti.Volume, pixels: np.ndarray) -> ImageData:

@@ -330,15 +330,16 @@ def create_app(
         failures: list[ApiError] = []
         for position, upload in enumerate(files):
             name = f"#{position + 1} {(upload.filename or 'upload')[:120]}"
+            data = await upload.read()
+            await upload.close()  # frees the in-memory spool: the bytes are now held once
             try:
-                kind, results = await run_in_threadpool(analyse_file, await upload.read(), name, heatmap, MAX_SLICES_PER_REQUEST - len(all_results))
+                kind, results = await run_in_threadpool(analyse_file, data, name, heatmap, MAX_SLICES_PER_REQUEST - len(all_results))
                 out_files.append(_file_out(name, kind, results, heatmap))
                 all_results += results
             except ApiError as exc:
                 failures.append(exc)
                 out_files.append(FileOut(file=name, kind="", slices=[], error=ErrorBody(error=exc.error, detail=exc.detail)))
-            finally:
-                await upload.close()
+            del data
         if failures and len(failures) == len(files):  # nothing to show: answer with the error itself
             statuses = {f.status for f in failures}
             status = statuses.pop() if len(statuses) == 1 else 422
