@@ -1,4 +1,4 @@
-"""The hostile corpus (tests/hostile_corpus.py, 170 cases) against the service: never a 5xx, every error JSON.
+"""The hostile corpus (tests/hostile_corpus.py, 174 cases) against the service: never a 5xx, every error JSON.
 
 Plus what needs a live server: /health stays answered while a heavy upload is
 decoded, a stalled body is dropped with 408, a chunked body over the limit

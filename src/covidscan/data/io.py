@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from covidscan.data import nifti
-from covidscan.data.nifti import LUNG_WINDOW
+from covidscan.data.intensity import LUNG_WINDOW, finite01, window
 from covidscan.data.pseudonym import patient_key
 from covidscan.errors import ImageReadError
 
@@ -32,7 +32,7 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = RASTER_SUFFIXES | DICOM_SUFFIXES | frozenset(NIFTI_SUFFIXES)
 
 # Uploads to the service: a 4472 x 4472 radiograph fits; larger is refused before decoding,
-# which bounds one image's memory (about 9 bytes per pixel at worst: 180 MB).
+# which bounds one image's memory (a 19.4 Mpx RGBA PNG peaked at +257 MB: bench/hostile_service.py).
 MAX_UPLOAD_PIXELS = 20_000_000
 # Stored pixel bytes of one DICOM upload (all frames): 300 frames of 512 x 512 x 16 bit fit.
 MAX_DICOM_PIXEL_BYTES = 160_000_000
@@ -106,12 +106,6 @@ def _pil_to_gray(img: Image.Image) -> tuple[np.ndarray, int]:
     return finite01(gray), bits
 
 
-def finite01(pixels: np.ndarray) -> np.ndarray:
-    """NaN -> 0 and everything clipped to [0, 1], in place: no image reaches a model with non-finite values."""
-    np.nan_to_num(pixels, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
-    return np.clip(pixels, 0.0, 1.0, out=pixels)
-
-
 def read_raster(path: Path | BinaryIO, max_pixels: int = MAX_PIXELS, name: str | None = None) -> ImageData:
     """Read a PNG/JPEG/BMP/TIFF file (or file object) of any PIL mode."""
     where = name or str(path)
@@ -145,12 +139,6 @@ def read_raster(path: Path | BinaryIO, max_pixels: int = MAX_PIXELS, name: str |
         "modality": "",
     }
     return ImageData(pixels=pixels, meta=meta)
-
-
-def window(values: np.ndarray, width: float, level: float) -> np.ndarray:
-    """Map a (width, level) window of HU values onto [0, 1]."""
-    low = level - width / 2.0
-    return np.clip((values - low) / width, 0.0, 1.0).astype(np.float32)
 
 
 _DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -254,10 +242,7 @@ def _dicom_pixels(ds: object, raw: np.ndarray, ct_window: tuple[float, float]) -
         values *= np.float32(_float_attr(ds, "RescaleSlope", 1.0))
         values += np.float32(_float_attr(ds, "RescaleIntercept", 0.0))
     if str(getattr(ds, "Modality", "") or "") == "CT":
-        width, level = ct_window
-        values -= np.float32(level - width / 2.0)  # the lung window, in place: no second full-size copy
-        values /= np.float32(width)
-        pixels = np.clip(values, 0.0, 1.0, out=values)
+        pixels = window(values, *ct_window, in_place=True)  # no second full-size copy
     else:
         if "VOILUTSequence" in ds or "WindowCenter" in ds:  # type: ignore[operator]
             try:
@@ -289,12 +274,18 @@ def _dicom_meta(ds: object, raw: np.ndarray) -> dict[str, object]:
     return meta
 
 
-def iter_dicom(data: bytes, where: str, ct_window: tuple[float, float] = LUNG_WINDOW, max_pixels: int = MAX_PIXELS) -> Iterator[ImageData]:
-    """Every frame of a DICOM file, decoded once."""
+def _decoded_dicom(data: bytes, where: str, max_pixels: int) -> tuple[object, np.ndarray, dict[str, object]]:
+    """(data set without its encoded pixels, stored frames, metadata): one parse and one decode per file."""
     ds = _dicom_dataset(data, where)
     raw = _dicom_frames(ds, where, max_pixels)
     meta = _dicom_meta(ds, raw)
     del ds.PixelData  # type: ignore[attr-defined]  # decoded: the encoded copy is no longer needed
+    return ds, raw, meta
+
+
+def iter_dicom(data: bytes, where: str, ct_window: tuple[float, float] = LUNG_WINDOW, max_pixels: int = MAX_PIXELS) -> Iterator[ImageData]:
+    """Every frame of a DICOM file, decoded once."""
+    ds, raw, meta = _decoded_dicom(data, where, max_pixels)
     for frame in raw:
         yield ImageData(pixels=_dicom_pixels(ds, frame, ct_window), meta=dict(meta))
 
@@ -306,12 +297,11 @@ def read_dicom(
     """Read one frame of a DICOM image (see `_dicom_pixels`); a multi-frame file needs `frame`."""
     where = name or str(path)
     data = path.read() if hasattr(path, "read") else Path(path).read_bytes()  # type: ignore[union-attr,arg-type]
-    ds = _dicom_dataset(data, where)
-    raw = _dicom_frames(ds, where, max_pixels)
+    ds, raw, meta = _decoded_dicom(data, where, max_pixels)
     frames = raw.shape[0]
     if frames > 1 and (frame is None or not 0 <= frame < frames):
         raise ImageReadError(where, f"multi-frame DICOM with {frames} frames needs a frame index in [0, {frames})")
-    return ImageData(pixels=_dicom_pixels(ds, raw[frame or 0], ct_window), meta=_dicom_meta(ds, raw))
+    return ImageData(pixels=_dicom_pixels(ds, raw[frame or 0], ct_window), meta=meta)
 
 
 def nifti_slice_count(path: str | Path) -> int:

@@ -17,10 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from covidscan.data.intensity import LUNG_WINDOW, finite01, window
 from covidscan.errors import ImageReadError
-
-# CT window for lungs (width, level) in Hounsfield units, as radiologists read them.
-LUNG_WINDOW = (1500.0, -600.0)
 MAX_SLICES = 1024
 # Stored voxel bytes of one volume: 512 x 512 x 300 int16 (157 MB) fits, larger is refused.
 MAX_UPLOAD_DATA_BYTES = 160_000_000
@@ -138,11 +136,10 @@ class Volume:
         hu, low, high = stats
         with np.errstate(over="ignore", invalid="ignore"):
             if hu:
-                width, level = ct_window
-                pixels = (values - (level - width / 2.0)) / width
+                pixels = window(values, *ct_window, in_place=True)
             else:
-                pixels = (values - low) / (high - low) if high > low else np.zeros_like(values)
-        return np.nan_to_num(np.clip(pixels, 0.0, 1.0), nan=0.0).astype(np.float32)
+                pixels = (values - np.float32(low)) / np.float32(high - low) if high > low else np.zeros_like(values)
+        return finite01(pixels.astype(np.float32, copy=False))
 
     def iter_slices(self, ct_window: tuple[float, float] = LUNG_WINDOW) -> Iterator[tuple[int, np.ndarray]]:
         stats = self.window()

@@ -267,11 +267,6 @@ def create_app(
         log.exception("internal error on %s", request.url.path)
         return JSONResponse({"error": "internal error", "detail": "the server failed; the incident was logged"}, 500)
 
-    def check_key(request: Request) -> None:
-        """Already checked by Guard before the body; kept so a route never runs unguarded."""
-        if api_key and not secrets.compare_digest(request.headers.get("x-api-key", "").encode("latin-1"), api_key.encode("utf-8")):
-            raise ApiError(401, "unauthorised", "missing or wrong X-API-Key header")
-
     swagger = _swagger_assets()
 
     @app.get("/docs", include_in_schema=False)
@@ -311,7 +306,6 @@ def create_app(
 
     @app.get(f"{API}/model", responses=errors)
     def model(request: Request) -> dict[str, Any]:
-        check_key(request)
         return bundle.describe()
 
     @app.post(f"{API}/predict", response_model=PredictOut, responses=errors)
@@ -321,7 +315,6 @@ def create_app(
         heatmap: Annotated[bool, Query(description="Return class activation maps.")] = True,
         study: Annotated[bool, Query(description="Treat all uploads as slices of one study and aggregate them.")] = False,
     ) -> PredictOut:
-        check_key(request)
         started = time.perf_counter()
         if len(files) > MAX_FILES:
             raise ApiError(413, "too many files", f"{len(files)} files; at most {MAX_FILES} per request")
