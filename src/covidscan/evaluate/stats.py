@@ -135,3 +135,51 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
     result = minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded")
     return float(math.exp(result.x))
+
+
+def clustered_mcnemar_test(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, groups: np.ndarray) -> dict[str, float | int | str]:
+    """McNemar's test for clustered pairs (Durkalski et al. 2003): a patient's slices count as one unit.
+
+    chi2 = (sum_k (b_k - c_k))^2 / sum_k (b_k - c_k)^2, 1 degree of freedom, where b_k and
+    c_k count the slices of patient k that only A, or only B, classifies correctly.
+    With one slice per patient it is McNemar's test without continuity correction.
+    """
+    from scipy.stats import chi2
+
+    correct_a = np.asarray(pred_a) == np.asarray(y_true)
+    correct_b = np.asarray(pred_b) == np.asarray(y_true)
+    _, index = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    difference = np.bincount(index, weights=(correct_a & ~correct_b).astype(float)) - np.bincount(index, weights=(~correct_a & correct_b).astype(float))
+    b, c = int((correct_a & ~correct_b).sum()), int((~correct_a & correct_b).sum())
+    denominator = float((difference**2).sum())
+    if denominator == 0:
+        return {"only_a_correct": b, "only_b_correct": c, "patients": int(index.max() + 1) if len(index) else 0, "p_value": 1.0,
+                "method": "clustered McNemar (Durkalski): no discordant patients"}
+    statistic = float(difference.sum()) ** 2 / denominator
+    return {"only_a_correct": b, "only_b_correct": c, "patients": int(index.max() + 1), "p_value": float(chi2.sf(statistic, 1)),
+            "method": "clustered McNemar (Durkalski), slices of one patient as one unit"}
+
+
+def clustered_delong_test(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray, groups: np.ndarray) -> dict[str, float | str]:
+    """Difference of two correlated AUCs with the variance summed per patient (Obuchowski 1997).
+
+    With one image per patient it equals DeLong's test up to the (K-1)/K factor.
+    """
+    from scipy.stats import norm
+
+    from covidscan.evaluate.intervals import auc_influence
+
+    y_true = np.asarray(y_true).astype(int)
+    if int(y_true.sum()) < 2 or int((y_true == 0).sum()) < 2:
+        return {"auc_a": math.nan, "auc_b": math.nan, "difference": math.nan, "p_value": math.nan, "method": "too few images of a class"}
+    auc_a, influence_a = auc_influence(y_true, score_a)
+    auc_b, influence_b = auc_influence(y_true, score_b)
+    _, index = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    clusters = int(index.max()) + 1
+    per_cluster = np.bincount(index, weights=influence_a - influence_b)
+    variance = clusters / max(clusters - 1, 1) * float((per_cluster**2).sum())
+    difference = auc_a - auc_b
+    method = f"clustered DeLong (Obuchowski), {clusters} patients"
+    if variance <= 0:
+        return {"auc_a": auc_a, "auc_b": auc_b, "difference": difference, "p_value": 1.0 if difference == 0 else 0.0, "method": method}
+    return {"auc_a": auc_a, "auc_b": auc_b, "difference": difference, "p_value": float(2 * norm.sf(abs(difference) / math.sqrt(variance))), "method": method}
