@@ -10,7 +10,8 @@ import torch
 from covidscan.config import EvaluateConfig
 from covidscan.evaluate.aggregate import aggregate_by_patient
 from covidscan.evaluate.curves import pr_points, reliability_bins, roc_points
-from covidscan.evaluate.evaluation import apply_temperature, fit_calibration, gallery_picks
+from covidscan.decision import apply_temperature
+from covidscan.evaluate.evaluation import fit_decision, gallery_picks
 from covidscan.evaluate.metrics import binary_metrics, multiclass_metrics
 from covidscan.explain.lung_mask import energy_inside, lung_mask
 from covidscan.explain.overlay import colorize, overlay
@@ -74,18 +75,24 @@ def test_curves_and_reliability_bins() -> None:
 
 
 def test_temperature_keeps_the_default_decision_and_operating_points_come_from_validation() -> None:
+    import pandas as pd
+
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 200)
     p1 = np.clip(0.5 + (y - 0.5) * 0.2 + rng.normal(0, 0.15, 200), 0.01, 0.99)  # under-confident
     probs = np.stack([1 - p1, p1], 1)
-    calibration = fit_calibration(y, probs, EvaluateConfig(target_sensitivity=0.9, target_specificity=0.9))
-    assert calibration["temperature"] < 1.0  # sharpens an under-confident model
+    val = pd.DataFrame({"label": np.where(y == 1, "COVID", "non-COVID"), "patient_id": [f"p{i // 4}" for i in range(200)]})
+    decision = fit_decision(val, probs, ["non-COVID", "COVID"], EvaluateConfig(target_sensitivity=0.9, target_specificity=0.9))
+    calibration = decision["calibration"]
+    assert calibration["kept"] and calibration["temperature"] < 1.0  # sharpens an under-confident model, checked on held-out patients
+    assert calibration["held_out_log_loss"]["temperature"] < calibration["held_out_log_loss"]["uncalibrated"]
     scaled = apply_temperature(probs, calibration["temperature"])
     assert np.array_equal(scaled[:, 1] >= 0.5, p1 >= 0.5)
     points = calibration["operating_points"]
-    screening = [v for k, v in points.items() if k.startswith("screening")][0]
-    assert (scaled[y == 1, 1] >= screening).mean() >= 0.9
+    high_sensitivity = [v for k, v in points.items() if k.startswith("high sensitivity")][0]
+    assert (scaled[y == 1, 1] >= high_sensitivity).mean() >= 0.9
     assert points["default"] == 0.5
+    assert decision["decision_settings"]["target_sensitivity"] == 0.9 and decision["study_rule"]["threshold"] > 0
 
 
 def test_gallery_picks_the_most_confident_case_of_each_cell() -> None:

@@ -72,3 +72,23 @@ def test_folder_of_dicoms_without_patient_folders_uses_the_pseudonymous_key(tmp_
     assert keys == {cio.patient_key("A"), cio.patient_key("B")}
     assert sorted(frame.loc[frame["path"].str.endswith(".nii"), "slice_index"].tolist()) == [0, 1, 2]
     assert FAKE_PATIENT_NAME not in frame.to_csv()
+
+
+def test_dicom_acquisition_fields_become_manifest_columns_for_subgroups(tmp_path: Path) -> None:
+    """Manufacturer, scanner model, kernel and slice thickness are kept (per-scanner metrics); patient fields are not."""
+    import pydicom
+
+    from covidscan.data.manifest import load_manifest, save_manifest
+    from covidscan.data.sources import index_folder
+
+    for label, maker, kernel in (("COVID", "Acme", ["B", "45f"]), ("non-COVID", "Other  Corp", "STANDARD")):
+        path = write_dicom(tmp_path / label / "x.dcm", np.zeros((4, 4), np.int16), patient_id=label)
+        ds = pydicom.dcmread(path)
+        ds.Manufacturer, ds.ManufacturerModelName, ds.ConvolutionKernel, ds.SliceThickness = maker, "Model 1", kernel, "1.25"
+        ds.save_as(path)
+    frame = load_manifest(save_manifest(index_folder(tmp_path), tmp_path / "m.csv"))
+    by_label = frame.set_index("label")
+    assert by_label.loc["COVID", "manufacturer"] == "Acme" and by_label.loc["COVID", "kernel"] == "B/45f"
+    assert by_label.loc["non-COVID", "manufacturer"] == "Other Corp" and by_label.loc["non-COVID", "slice_thickness"] == "1.25"
+    assert by_label.loc["COVID", "scanner"] == "Model 1"
+    assert FAKE_PATIENT_NAME not in frame.to_csv() and "19700101" not in frame.to_csv()

@@ -64,7 +64,7 @@ def test_cross_validation_runs_every_fold_and_aggregates(tiny_phantom: Path, tmp
     assert summary["folds"] == 3 and len(summary["per_fold"]) == 3
     aucs = [fold["auc"] for fold in summary["per_fold"]]
     assert summary["auc"]["mean"] == pytest.approx(sum(aucs) / 3)
-    assert sum(fold["n"] for fold in summary["per_fold"]) == 48  # every image tested exactly once
+    assert sum(fold["n"] + fold["refused_by_gate"] for fold in summary["per_fold"]) == 48  # every image tested exactly once
     assert json.loads((tmp_path / "cv.json").read_text())["folds"] == 3
 
 
@@ -90,12 +90,13 @@ def test_evaluate_cli_adds_an_external_set_and_the_report_shows_it_in_a_browser(
     out = subprocess.run([sys.executable, "-m", "covidscan.cli", "evaluate", str(run), str(external), "--quiet"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "other-hospital: 12 images" in out.stdout and "not a diagnosis" in out.stdout
+    assert "other-hospital: " in out.stdout and "refused by the gate" in out.stdout and "not a diagnosis" in out.stdout
     metrics = json.loads((run / "metrics.json").read_text())
     sets = metrics["evaluation"]["sets"]
     assert [sets[k]["kind"] for k in sets] == ["in-domain", "external"]
     ext = sets["other-hospital"]
-    assert ext["n"] == 12 and ext["patient_level"]["patients"] == 6 and ext["ci_unit"] == "6 patients"
+    assert ext["n"] + ext["gate"]["refused"] == 12 and ext["all_images"]["n"] == 12
+    assert ext["all_images"]["patient_level"]["patients"] == 6 and ext["all_images"]["ci_unit"] == "6 patients"
     assert json.dumps(sets["in-domain test"]["metrics"]) == json.dumps(json.loads((tiny_run / "metrics.json").read_text())["test"])
     card = json.loads((run / "model.json").read_text())
     assert metrics["evaluation"]["calibration"] == card["calibration"] and "validation" in card["calibration"]["fitted_on"]
@@ -133,7 +134,7 @@ def test_compare_two_runs_and_test_time_augmentation(tiny_run: Path, tmp_path: P
 
     same = subprocess.run([sys.executable, "-m", "covidscan.cli", "compare", str(tiny_run), str(tiny_run)], capture_output=True, text=True)
     assert same.returncode == 0, same.stderr
-    assert "only A right 0, only B right 0, p = 1" in same.stdout and "difference +0.000" in same.stdout
+    assert "only A right 0, only B right 0, p = 1" in same.stdout and "difference +0.000" in same.stdout and "patients as units" in same.stdout
     run = tmp_path / "tta"
     shutil.copytree(tiny_run, run)
     out = subprocess.run([sys.executable, "-m", "covidscan.cli", "evaluate", str(run), "--set", "evaluate.tta=true", "--quiet"],
@@ -158,6 +159,7 @@ def test_three_classes_train_evaluate_and_report(tiny_phantom: Path, tmp_path: P
     metrics = train_run(frame, config, tmp_path / "run", show_progress=False, log=lambda m: None)
     result = metrics["evaluation"]["sets"]["in-domain test"]["metrics"]
     assert set(result["per_class"]) == {"COVID", "normal", "pneumonia"}
-    assert 0.0 <= result["macro_f1"] <= 1.0 and result["n"] == metrics["split"]["counts"]["test"]
+    gate = metrics["evaluation"]["sets"]["in-domain test"]["gate"]
+    assert 0.0 <= result["macro_f1"] <= 1.0 and result["n"] + gate["refused"] == metrics["split"]["counts"]["test"]
     page = (tmp_path / "run" / "report.html").read_text()
     assert "macro F1" in page and "pneumonia" in page

@@ -219,8 +219,7 @@ def evaluate_command(
         raise CovidscanError(f"{run}: not a finished run folder (no config.yaml or metrics.json)")
     cfg = load_config(run / "config.yaml", set_).evaluate
     metrics = evaluate_run(run, _external_manifests(manifests or []), cfg, not quiet, _log)  # type: ignore[arg-type]
-    _log(f"report: {run / 'report.html'}   metrics: {run / 'metrics.json'}")
-    del metrics
+    _print_summary(metrics, run)
     console.print(DISCLAIMER, style="italic", markup=False)
 
 
@@ -230,7 +229,7 @@ def compare_command(
     run_b: Annotated[Path, typer.Argument(help="Second run folder.")],
     on: Annotated[str, typer.Option(help="Evaluation set both runs predicted: 'in-domain-test' or an external set's name.")] = "in-domain-test",
 ) -> None:
-    """Compare two models on the same images: McNemar's test (decisions) and DeLong's test (AUC)."""
+    """Compare two models on the same images: McNemar's test (decisions) and DeLong's test (AUC), patients as units."""
     import pandas as pd
 
     from covidscan.evaluate.evaluation import compare_predictions
@@ -243,11 +242,25 @@ def compare_command(
                                  f"{', '.join(sorted(p.stem for p in (run / 'predictions').glob('*.csv'))) or 'none'})")
         frames.append(pd.read_csv(path, keep_default_na=False))
     column = [c for c in frames[0].columns if c.startswith("p_")][0]
-    result = compare_predictions(frames[0], frames[1], column)
+    rules = tuple(_study_rule_of(run) for run in (run_a, run_b))
+    result = compare_predictions(frames[0], frames[1], column, rules)  # type: ignore[arg-type]
     m, d = result["mcnemar"], result["delong"]
-    _log(f"{result['images']} images of {on}:")
+    _log(f"{result['images']} images of {on}, {result['units']} as units:")
     _log(f"  McNemar ({m['method']}): only A right {m['only_a_correct']}, only B right {m['only_b_correct']}, p = {m['p_value']:.4g}")  # type: ignore[index]
-    _log(f"  DeLong: AUC A {d['auc_a']:.3f}, AUC B {d['auc_b']:.3f}, difference {d['difference']:+.3f}, p = {d['p_value']:.4g}")  # type: ignore[index]
+    _log(f"  DeLong ({d['method']}): AUC A {d['auc_a']:.3f}, AUC B {d['auc_b']:.3f}, difference {d['difference']:+.3f}, p = {d['p_value']:.4g}")  # type: ignore[index]
+    patient = result.get("patient_level")
+    if isinstance(patient, dict):
+        pm, pd_ = patient["mcnemar"], patient["delong"]
+        _log(f"  {patient['patients']} patients, each model's study rule: McNemar ({pm['method']}) p = {pm['p_value']:.4g}; "
+             f"DeLong AUC A {pd_['auc_a']:.3f}, B {pd_['auc_b']:.3f}, p = {pd_['p_value']:.4g}")
+
+
+def _study_rule_of(run: Path) -> dict[str, object]:
+    from covidscan.atomic import read_json_object
+
+    card = read_json_object(run / "model.json") if (run / "model.json").is_file() else {}
+    rule = card.get("study_rule")
+    return rule if isinstance(rule, dict) else {"aggregation": "mean", "threshold": 0.5}
 
 
 @app.command("cv")
@@ -272,42 +285,70 @@ def cv_command(
 
 
 def _print_summary(metrics: dict[str, object], run_dir: Path) -> None:
-    test = metrics["test"]
-    assert isinstance(test, dict)
-    shown = ", ".join(f"{k} {test[k]:.3f}" for k in ("accuracy", "sensitivity", "specificity", "f1", "auc") if k in test)
-    _log(f"test ({test['n']} images of held-out patients): {shown}")
+    """Study-level and external results with 95 % CIs, as deployed (gate, calibration, study rule)."""
+    from covidscan.evaluate.evaluation import set_summary
+
+    evaluation = metrics.get("evaluation") or {}
+    assert isinstance(evaluation, dict)
+    for name, result in (evaluation.get("sets") or {}).items():
+        _log(set_summary(name, result))
+        warning = (result.get("patient_level") or {}).get("warning")
+        if warning:
+            _log(f"  note: {warning}")
     _log(f"report: {run_dir / 'report.html'}   metrics: {run_dir / 'metrics.json'}")
 
 
 @app.command("predict")
 def predict_command(
-    model: Annotated[Path, typer.Argument(help="Run folder (or its model.json), or an exported bundle (then the input gate applies).")],
+    model: Annotated[Path, typer.Argument(help="Run folder (or its model.json), or an exported bundle; the input gate applies to both.")],
     images: Annotated[list[Path], typer.Argument(help="PNG, JPEG, BMP, TIFF or single-frame DICOM files.")],
+    study: Annotated[bool, typer.Option("--study", help="The images are slices of one study: also print the study answer (the model card's rule).")] = False,
 ) -> None:
-    """Print class probabilities and the predicted label for each image."""
+    """Print class probabilities and the predicted label for each image (and for the study with --study)."""
     from covidscan.predict import Predictor
 
     if (model / "model.onnx").is_file() and (model / "gate.npz").is_file():
-        _predict_with_bundle(model, images)
+        _predict_with_bundle(model, images, study)
         return
     predictor = Predictor(model)
-    for prediction in predictor.predict(list(images)):
+    predictions = predictor.predict(list(images))
+    for prediction in predictions:
         probs = "  ".join(f"P({name})={value:.3f}" for name, value in prediction.probabilities.items())
-        _log(f"{prediction.path}: {prediction.label}  {probs}")
+        verdict = prediction.label if prediction.in_distribution else "refused (unlike the training data; no prediction)"
+        gate = f"  gate distance {prediction.gate_distance:.1f} (limit {predictor.gate_threshold:.1f})" if predictor.gate is not None else ""
+        _log(f"{prediction.path}: {verdict}  {probs}{gate}")
+    if study:
+        label, probability, used = predictor.study(predictions)
+        _study_line(label, probability, used, len(predictions), predictor.study_rule)
     console.print(DISCLAIMER, style="italic", markup=False)
 
 
-def _predict_with_bundle(folder: Path, images: list[Path]) -> None:
+def _study_line(label: str, probability: float, used: int, total: int, rule: dict[str, object]) -> None:
+    from covidscan.decision import rule_name
+
+    if not used:
+        _log(f"study: refused, all {total} slices are unlike the training data")
+        return
+    _log(f"study: {label}  P = {probability:.3f} ({rule_name(rule)}, threshold {float(rule.get('threshold', 0.5)):.3f}; "  # type: ignore[arg-type]
+         f"{used} slices used, {total - used} refused)")
+
+
+def _predict_with_bundle(folder: Path, images: list[Path], study: bool = False) -> None:
     """The served model on image files: ONNX Runtime, with the input gate as the service applies it."""
     from covidscan.data.io import read_image
     from covidscan.serve.predictor import Bundle
 
     bundle = Bundle(folder)
+    results = []
     for path in images:
         result = bundle.analyse([read_image(path).pixels], heatmaps=False)[0]
+        results.append(result)
         probs = "  ".join(f"P({name})={value:.3f}" for name, value in result.probabilities.items())
-        verdict = result.label if result.in_distribution else "refused (unlike the training data)"
+        verdict = result.label if result.in_distribution else "refused (unlike the training data; no prediction)"
         _log(f"{path}: {verdict}  {probs}  gate distance {result.gate_distance:.1f} (limit {bundle.gate_threshold:.1f})")
+    if study:
+        label, probability, used = bundle.study(results)
+        _study_line(label, probability, used, len(results), bundle.study_rule)
     console.print(DISCLAIMER, style="italic", markup=False)
 
 

@@ -65,13 +65,18 @@ class TrainConfig:
 
 @dataclass
 class EvaluateConfig:
-    """How a run is evaluated: operating points and calibration come from the validation part only."""
+    """How a run decides and is evaluated: calibration, operating points and study rule come from the validation part only.
 
-    target_sensitivity: float = 0.95  # screening operating point, chosen on validation; 0 = off
-    target_specificity: float = 0.95  # rule-in operating point, chosen on validation; 0 = off
-    calibrate: bool = True  # temperature scaling fitted on validation
-    aggregate: str = "mean"  # slices -> patient: mean | max | topk
+    calibrate, target_*, aggregate, top_k and tta define the deployed decision (recorded in
+    model.json); changing them on `covidscan evaluate` refits it on validation and updates model.json.
+    """
+
+    target_sensitivity: float = 0.95  # high-sensitivity operating point, chosen on validation; 0 = off
+    target_specificity: float = 0.95  # high-specificity operating point, chosen on validation; 0 = off
+    calibrate: bool = True  # temperature scaling, kept only if it helps on held-out validation patients
+    aggregate: str = "auto"  # slices -> study: auto (chosen on validation patients) | mean | max | topk
     top_k: int = 3
+    prevalence: float = 0.1  # stated prevalence for PPV/NPV (besides the test set's own)
     cam_method: str = "gradcam"  # gradcam | gradcam++ | xgradcam | layercam | eigencam | scorecam
     gallery_per_cell: int = 3  # heat maps per TP/FP/TN/FN cell and data set
     plausibility_images: int = 64  # images per data set for the lung-energy figure
@@ -204,8 +209,10 @@ def validate_config(config: RunConfig) -> None:
     e = config.evaluate
     if not (0.0 <= e.target_sensitivity < 1.0 and 0.0 <= e.target_specificity < 1.0):
         raise ConfigError("evaluate.target_sensitivity and evaluate.target_specificity must be in [0, 1)")
-    if e.aggregate not in ("mean", "max", "topk"):
-        raise ConfigError(f"evaluate.aggregate must be mean, max or topk, got {e.aggregate!r}")
+    if e.aggregate not in ("auto", "mean", "max", "topk"):
+        raise ConfigError(f"evaluate.aggregate must be auto, mean, max or topk, got {e.aggregate!r}")
+    if not 0.0 < e.prevalence < 1.0:
+        raise ConfigError(f"evaluate.prevalence must be in (0, 1), got {e.prevalence}")
     if e.cam_method not in ("gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "scorecam"):
         raise ConfigError(f"evaluate.cam_method: unknown method {e.cam_method!r}")
 

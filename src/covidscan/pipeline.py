@@ -20,14 +20,15 @@ from covidscan.data.manifest import class_names, image_refs, save_manifest
 from covidscan.data.split import leakage_report, leakage_threshold, split_manifest
 from covidscan.data.transforms import Normaliser
 from covidscan.errors import ConfigError, DataError
-from covidscan.evaluate.evaluation import evaluate_run, fit_calibration
+from covidscan.decision import rule_name
+from covidscan.evaluate.evaluation import evaluate_run, fit_decision
 from covidscan.models.classifier import CovidClassifier
 from covidscan.models.embed import manifest_embeddings
 from covidscan.models.registry import get_backbone
 from covidscan.progress import track
 from covidscan.seed import seed_everything
 from covidscan.train.distributed import device_for, init_distributed
-from covidscan.train.engine import TensorData, fit, predict_proba
+from covidscan.train.engine import TensorData, fit
 
 MODEL_CARD = "model.json"
 
@@ -137,9 +138,6 @@ def train_run(
     if not result["ranks_agree"]:
         raise RuntimeError("DDP ranks ended with different weights")
 
-    val = parts["val"]
-    val_probs = predict_proba(model, val.images.to(device), normaliser, config.train.batch_size)
-    calibration = fit_calibration(val.labels.numpy(), val_probs, config.evaluate)
     metrics: dict[str, object] = {
         "covidscan_version": __version__,
         "decision_support": DISCLAIMER,
@@ -163,7 +161,6 @@ def train_run(
         "dropout": config.model.dropout,
         "normalise": {"mean": normaliser.mean, "std": normaliser.std},
         "threshold": 0.5,
-        "calibration": calibration,
         "weights": "checkpoints/best.safetensors",
         "pretrained_from": model.weights_source,
         "training_data": metrics["data"],
@@ -173,11 +170,36 @@ def train_run(
     if not ctx.is_main:
         return metrics
     atomic.write_json(run_dir / MODEL_CARD, card)
+    card.update(deployed_decision(run_dir, frame, parts, classes, config, log))
+    atomic.write_json(run_dir / MODEL_CARD, card)
     atomic.write_json(run_dir / "metrics.json", metrics)
     metrics = evaluate_run(run_dir, externals, config.evaluate, show_progress, log)
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
     atomic.write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def deployed_decision(
+    run_dir: Path, frame: pd.DataFrame, parts: dict[str, TensorData], classes: list[str], config: RunConfig, log: Callable[[str], None]
+) -> dict[str, object]:
+    """Input gate, calibration, operating points and study rule of the best model, from train/validation only."""
+    from covidscan.evaluate.evaluation import GATE_IMAGES, fit_run_gate
+    from covidscan.gate import save_gate
+    from covidscan.predict import Predictor
+
+    predictor = Predictor(run_dir)  # the best checkpoint, on the CPU, as evaluation and export load it
+    val_images = parts["val"].images.cpu().numpy()
+    train_images = parts["train"].images.cpu().numpy()
+    chosen = np.sort(np.random.default_rng(0).choice(len(train_images), min(GATE_IMAGES, len(train_images)), replace=False))
+    gate_arrays, gate_card = fit_run_gate(predictor, train_images[chosen], val_images[:GATE_IMAGES])
+    save_gate(gate_arrays, run_dir / "gate.npz")
+    decision = fit_decision(frame[frame["split"] == "val"].reset_index(drop=True), predictor.score(val_images, tta=config.evaluate.tta)[0],
+                            classes, config.evaluate)
+    calibration, rule = decision["calibration"], decision["study_rule"]
+    assert isinstance(calibration, dict) and isinstance(rule, dict)
+    log(f"deployed decision: {calibration['reason']}; study rule {rule_name(rule)}, threshold {float(rule['threshold']):.3f} "
+        f"({rule['chosen_on']}); input gate refuses distances above {float(gate_card['threshold']):.1f}")  # type: ignore[arg-type]
+    return {**decision, "gate": gate_card}
 
 
 def data_summary(frame: pd.DataFrame) -> dict[str, object]:
@@ -190,6 +212,19 @@ def data_summary(frame: pd.DataFrame) -> dict[str, object]:
         "images_without_patient_id": int((frame["patient_id"].astype(str) == "").sum()),
         "by_source_and_class": {" / ".join(map(str, k)) if isinstance(k, tuple) else str(k): int(v) for k, v in counts.items()},
     }
+    if "split" in frame.columns:
+        summary["by_split"] = {
+            split: {"images": int((frame["split"] == split).sum()),
+                    "patients_or_groups": int(frame.loc[frame["split"] == split, "group" if "group" in frame.columns else "patient_id"].astype(str).nunique())}
+            for split in ("train", "val", "test")
+        }
+    if "source" in frame.columns:
+        from covidscan.data.public_sets import provenance_of
+
+        summary["provenance"] = {
+            source: {"description": description, "uncertain": uncertain}
+            for source in sorted(frame["source"].astype(str).unique()) for description, uncertain in [provenance_of(source)]
+        }
     if "audit_flags" in frame.columns:
         flags = frame["audit_flags"].astype(str)
         summary["audit"] = {"flagged_images": int((flags != "").sum()), "checked": True}
@@ -239,7 +274,8 @@ def cross_validate(
         }
         log(f"--- fold {k + 1}/{k_folds} ---")
         metrics = train_run(part, config, run_dir / f"fold-{k}", show_progress=show_progress, log=log, split_report=report)
-        per_fold.append(metrics["test"])
+        refused = metrics["evaluation"]["sets"]["in-domain test"]["gate"]["refused"]  # type: ignore[index]
+        per_fold.append({**metrics["test"], "refused_by_gate": refused})  # type: ignore[dict-item]
     summary: dict[str, object] = {"folds": k_folds, "per_fold": per_fold}
     for name in CV_METRICS:
         values = np.array([float(m[name]) for m in per_fold if name in m])  # type: ignore[index]

@@ -71,8 +71,28 @@ class LabelSet:
         return None
 
 
-def _dicom_header(path: Path) -> tuple[int, str]:
-    """(frames, pseudonymous patient key) from a DICOM header, without pixel data."""
+ACQUISITION_FIELDS = {  # manifest column -> DICOM keyword: how the image was made, never who it shows
+    "manufacturer": "Manufacturer",
+    "scanner": "ManufacturerModelName",
+    "kernel": "ConvolutionKernel",
+    "slice_thickness": "SliceThickness",
+}
+
+
+def _dicom_text(value: object) -> str:
+    """A header value as short plain text (multi-valued kernels joined with '/')."""
+    if value is None:
+        return ""
+    items = list(value) if not isinstance(value, (str, bytes)) and hasattr(value, "__iter__") else [value]
+    return "/".join(" ".join(str(v).split()) for v in items)[:64]
+
+
+def _dicom_header(path: Path) -> tuple[int, str, dict[str, str]]:
+    """(frames, pseudonymous patient key, acquisition fields) from a DICOM header, without pixel data.
+
+    The acquisition fields (manufacturer, scanner model, reconstruction kernel,
+    slice thickness) become manifest columns, so results can be reported per scanner.
+    """
     import pydicom
 
     try:
@@ -80,7 +100,8 @@ def _dicom_header(path: Path) -> tuple[int, str]:
     except Exception as exc:
         raise ImageReadError(path, f"not a valid DICOM file ({exc})") from None
     pid = str(getattr(ds, "PatientID", "") or "")
-    return int(getattr(ds, "NumberOfFrames", 1) or 1), patient_key(pid) if pid else ""
+    acquisition = {column: _dicom_text(getattr(ds, keyword, None)) for column, keyword in ACQUISITION_FIELDS.items()}
+    return int(getattr(ds, "NumberOfFrames", 1) or 1), patient_key(pid) if pid else "", acquisition
 
 
 def image_rows(path: Path, label: str, patient_id: str, source: str) -> list[dict[str, object]]:
@@ -90,7 +111,8 @@ def image_rows(path: Path, label: str, patient_id: str, source: str) -> list[dic
     if is_volume_file(path):
         slices = nifti_slice_count(path)
     elif path.suffix.lower() in DICOM_SUFFIXES:
-        slices, key = _dicom_header(path)
+        slices, key, acquisition = _dicom_header(path)
+        base.update(acquisition)
         if not patient_id and key:
             base["patient_id"] = key
     if slices == 1 and not is_volume_file(path):

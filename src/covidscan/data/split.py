@@ -207,15 +207,25 @@ def group_folds(labels: np.ndarray, groups: np.ndarray, folds: int, seed: int) -
     return fold
 
 
+SAME_PICTURE_SIMILARITY = 0.99  # ImageNet-feature cosine of one picture re-used (copied, resized, re-encoded)
+
+
 def calibrated_threshold(
     embeddings: np.ndarray, patient_ids: np.ndarray, base: float = NEAR_DUPLICATE_SIMILARITY, sample: int = 2000, seed: int = 0
 ) -> float:
     """With patient IDs, "near duplicate" must mean closer than different patients are in *this* data.
 
-    Returns max(base, 99th percentile of each image's nearest-neighbour
-    similarity among images of other patients). On homogeneous data (e.g.
-    the synthetic phantom, where every patient looks alike) this rises above
-    `base`; on real CT it stays at `base`.
+    The 99th percentile of each image's nearest-neighbour similarity among
+    images of other patients, never below `base` and always below 0.99.
+    Bounded because the pairs it is calibrated on include the pairs it must
+    detect: when images are re-issued under new patient IDs those cross-ID
+    pairs are near 1.0, and the unbounded percentile rose to 1.0 and hid them
+    all. So pairs at or above 0.99 (the same picture) are left out of the
+    calibration and the threshold stays below them, as long as they are a
+    minority; when most images of different patients are that alike the data
+    set is homogeneous and the threshold is calibrated on all of them. On
+    homogeneous data (the synthetic phantom, where every patient looks alike)
+    it rises above `base`; on real CT it stays there.
     """
     patient_ids = np.asarray(patient_ids).astype(str)
     if len(np.unique(patient_ids)) < 2:
@@ -224,7 +234,11 @@ def calibrated_threshold(
     chosen = rng.choice(len(embeddings), size=min(sample, len(embeddings)), replace=False)
     sims = embeddings[chosen] @ embeddings.T
     sims[patient_ids[chosen][:, None] == patient_ids[None, :]] = -1.0
-    return float(max(base, np.percentile(sims.max(1), 99)))
+    nearest = sims.max(1)
+    distinct = nearest[nearest < SAME_PICTURE_SIMILARITY]
+    if len(distinct) < len(nearest) / 2:  # homogeneous: nearly every patient looks like another
+        return float(min(0.9999, max(base, np.percentile(nearest, 99))))
+    return float(min(SAME_PICTURE_SIMILARITY - 1e-3, max(base, np.percentile(distinct, 99))))
 
 
 def leakage_threshold(frame: pd.DataFrame, embeddings: np.ndarray, base: float = NEAR_DUPLICATE_SIMILARITY, seed: int = 0) -> float:

@@ -1,16 +1,16 @@
-"""From slice probabilities to one probability per patient (or study).
+"""From slice probabilities to one probability per patient (or study), as a table.
 
 A clinician decides per patient, and slices of one patient are not
 independent, so patient-level metrics are the ones to quote when IDs exist.
+The rule itself lives in covidscan.decision (shared with the service).
 """
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
+from covidscan.decision import AGGREGATIONS, study_scores
 from covidscan.errors import ConfigError
-
-AGGREGATIONS = ("mean", "max", "topk")
 
 
 def aggregate_by_patient(
@@ -23,19 +23,6 @@ def aggregate_by_patient(
     """
     if method not in AGGREGATIONS:
         raise ConfigError(f"unknown aggregation {method!r}; choose one of {list(AGGREGATIONS)}")
-    frame = pd.DataFrame({"patient_id": np.asarray(patient_ids).astype(str), "y": np.asarray(y_true).astype(int), "score": np.asarray(score, float)})
-
-    def reduce(scores: pd.Series) -> float:
-        values = np.sort(scores.to_numpy())[::-1]
-        if method == "mean":
-            return float(values.mean())
-        if method == "max":
-            return float(values[0])
-        return float(values[: max(1, k)].mean())
-
-    grouped = frame.groupby("patient_id", sort=True)
-    return pd.DataFrame({
-        "label": grouped["y"].max(),
-        "score": grouped["score"].apply(reduce),
-        "slices": grouped.size(),
-    }).reset_index()
+    names, labels, scores = study_scores(patient_ids, y_true, score, {"aggregation": method, "k": k})
+    slices = pd.Series(np.asarray(patient_ids).astype(str)).value_counts()
+    return pd.DataFrame({"patient_id": names, "label": labels, "score": scores, "slices": slices.reindex(names).to_numpy()})

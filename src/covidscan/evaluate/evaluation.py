@@ -21,37 +21,56 @@ from covidscan import DISCLAIMER, atomic
 from covidscan.atomic import read_json_object
 from covidscan.config import EvaluateConfig
 from covidscan.errors import DataError
-from covidscan.evaluate.aggregate import aggregate_by_patient
+from covidscan.decision import DECISION_SETTINGS, apply_temperature, choose_study_rule, cross_fitted_temperature, rule_name, study_scores
 from covidscan.evaluate.curves import pr_points, reliability_bins, roc_points
+from covidscan.evaluate.intervals import binary_intervals, clustered_proportion, ppv_npv_at_prevalence
 from covidscan.evaluate.metrics import binary_metrics, multiclass_metrics
-from covidscan.evaluate.stats import bootstrap_ci, fit_temperature, threshold_for
+from covidscan.evaluate.stats import bootstrap_ci, threshold_for
 
 IN_DOMAIN = "in-domain test"
 GALLERY_CELLS = ("TP", "FN", "FP", "TN")
 
 
-def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """Softmax(log p / T): temperature scaling of probabilities (N, C)."""
-    logits = np.log(np.clip(np.asarray(probs, np.float64), 1e-12, 1.0)) / temperature
-    logits -= logits.max(axis=1, keepdims=True)
-    scaled = np.exp(logits)
-    return (scaled / scaled.sum(axis=1, keepdims=True)).astype(np.float32)
+def fit_decision(val_frame: pd.DataFrame, val_probs: np.ndarray, classes: list[str], cfg: EvaluateConfig) -> dict[str, object]:
+    """Calibration, operating points and study rule from the validation part (never the test part).
 
-
-def fit_calibration(val_labels: np.ndarray, val_probs: np.ndarray, cfg: EvaluateConfig) -> dict[str, object]:
-    """Temperature and operating points from the validation part (never the test part)."""
-    temperature = fit_temperature(np.log(np.clip(val_probs, 1e-12, 1.0)), val_labels) if cfg.calibrate else 1.0
-    out: dict[str, object] = {"temperature": temperature, "fitted_on": f"validation part ({len(val_labels)} images)"}
+    Returns the model card fields: calibration, study_rule, tta, decision_settings.
+    `val_probs` are the uncalibrated probabilities (with TTA when cfg.tta).
+    """
+    labels = np.array([classes.index(str(v)) for v in val_frame["label"]])
+    groups, _ = _groups_for_ci(val_frame)
+    if cfg.calibrate:
+        calibration = cross_fitted_temperature(val_probs, labels, groups)
+    else:
+        calibration = {"temperature": 1.0, "kept": False, "method": "none", "reason": "calibration switched off (evaluate.calibrate=false)"}
+    temperature = float(calibration["temperature"])  # type: ignore[arg-type]
+    calibration["fitted_on"] = f"validation part ({len(labels)} images, {len(np.unique(groups))} patients or groups)"
     points: dict[str, float] = {"default": 0.5}
+    study_rule: dict[str, object] = {"aggregation": "mean", "threshold": 0.5, "chosen_on": "default"}
     if val_probs.shape[1] == 2:
         score = apply_temperature(val_probs, temperature)[:, 1]
-        positive = np.asarray(val_labels) == 1
+        positive = labels == 1
         if cfg.target_sensitivity > 0 and positive.any():
-            points[f"screening (sensitivity ≥ {cfg.target_sensitivity:g} on validation)"] = threshold_for(positive, score, sensitivity=cfg.target_sensitivity)
+            points[f"high sensitivity (≥ {cfg.target_sensitivity:g} on validation)"] = threshold_for(positive, score, sensitivity=cfg.target_sensitivity)
         if cfg.target_specificity > 0 and (~positive).any():
-            points[f"rule-in (specificity ≥ {cfg.target_specificity:g} on validation)"] = threshold_for(positive, score, specificity=cfg.target_specificity)
-    out["operating_points"] = points
-    return out
+            points[f"high specificity (≥ {cfg.target_specificity:g} on validation)"] = threshold_for(positive, score, specificity=cfg.target_specificity)
+        patients = val_frame["patient_id"].astype(str).to_numpy() if "patient_id" in val_frame.columns else np.array([""])
+        if (patients != "").all():
+            study_rule = choose_study_rule(patients, positive, score, cfg.aggregate, cfg.top_k)
+        else:
+            study_rule = {"aggregation": "mean", "threshold": 0.5, "chosen_on": "default: validation images lack patient IDs"}
+    calibration["operating_points"] = points
+    return {
+        "calibration": calibration,
+        "study_rule": study_rule,
+        "tta": bool(cfg.tta),
+        "decision_settings": decision_settings(cfg),
+    }
+
+
+def decision_settings(cfg: EvaluateConfig) -> dict[str, object]:
+    """The evaluate.* settings the deployed decision depends on (recorded in the model card)."""
+    return {name: getattr(cfg, name) for name in DECISION_SETTINGS}
 
 
 def _groups_for_ci(frame: pd.DataFrame) -> tuple[np.ndarray, str]:
@@ -64,53 +83,135 @@ def _groups_for_ci(frame: pd.DataFrame) -> tuple[np.ndarray, str]:
     return np.arange(len(frame)).astype(str), "images (no patient IDs)"
 
 
-def score_set(
-    frame: pd.DataFrame, raw: np.ndarray, calibrated: np.ndarray, classes: list[str], calibration: dict[str, object],
-    cfg: EvaluateConfig, seed: int,
-) -> dict[str, object]:
-    """Metrics, CIs, curves, calibration and patient-level results of one data set.
+CI_METHOD = ("Wilson score intervals (proportions) and Newcombe score intervals (AUC) on the design-effect-adjusted "
+             "number of images (patients as clusters; Student's t for few patients); bootstrap over patients/groups "
+             "for the other metrics")
+FEW_PATIENTS = 30  # per class: below this, every interval is wide and the figures are a pilot's
+SUBGROUP_COLUMNS = ("source", "manufacturer", "scanner", "kernel", "slice_thickness")
 
-    `raw`: the model's probabilities (N, C); `calibrated`: the same after temperature scaling.
+
+def _intervals(y: np.ndarray, score: np.ndarray, groups: np.ndarray | None, threshold: float, cfg: EvaluateConfig, seed: int) -> dict[str, dict[str, float]]:
+    ci = bootstrap_ci(y, score, groups, threshold, cfg.bootstrap, seed=seed) if cfg.bootstrap else {}
+    ci.update(binary_intervals(y, score, threshold, groups))
+    return ci
+
+
+def score_block(
+    frame: pd.DataFrame, y: np.ndarray, raw: np.ndarray, score: np.ndarray, card: dict[str, object], cfg: EvaluateConfig, seed: int,
+    full: bool = True,
+) -> dict[str, object]:
+    """Slice-level and study-level metrics with intervals of one set of images (binary).
+
+    `full`: also operating points, calibration, curves and subgroups.
     """
-    labels = np.array([classes.index(str(v)) for v in frame["label"]])
-    counts = {c: int((labels == i).sum()) for i, c in enumerate(classes)}
-    if len(classes) > 2:
-        return {"n": len(labels), "class_counts": counts, "metrics": multiclass_metrics(labels, calibrated, classes)}
-    y, score = labels == 1, calibrated[:, 1]
     groups, unit = _groups_for_ci(frame)
+    calibration: dict[str, object] = card.get("calibration") or {}  # type: ignore[assignment]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        metrics, before = binary_metrics(y, score, 0.5), binary_metrics(y, raw[:, 1])
+        metrics = binary_metrics(y, score, 0.5)
+        ci = _intervals(y, score, groups, 0.5, cfg, seed) if len(y) else {}
         result: dict[str, object] = {
-            "n": int(len(y)),
-            "class_counts": counts,
-            "metrics": metrics,
-            "ci": bootstrap_ci(y, score, groups, 0.5, cfg.bootstrap, seed=seed),
-            "ci_unit": f"{len(np.unique(groups))} {unit}",
-            "operating_points": {
-                name: binary_metrics(y, score, float(t))  # type: ignore[arg-type]
-                for name, t in calibration["operating_points"].items()  # type: ignore[union-attr]
-            },
-            "calibration": {
-                "temperature": calibration["temperature"],
+            "n": int(len(y)), "metrics": metrics, "ci": ci, "ci_unit": f"{len(np.unique(groups))} {unit}", "ci_method": CI_METHOD,
+        }
+        result["prevalence"] = {
+            "stated": cfg.prevalence,
+            **({"at_stated": ppv_npv_at_prevalence(ci["sensitivity"], ci["specificity"], cfg.prevalence)} if ci else {}),
+        }
+        if full and len(y):
+            before = binary_metrics(y, raw)
+            result["operating_points"] = {}
+            for name, t in calibration.get("operating_points", {"default": 0.5}).items():  # type: ignore[union-attr]
+                point_ci = binary_intervals(y, score, float(t), groups)
+                result["operating_points"][name] = {  # type: ignore[index]
+                    "threshold": float(t), "metrics": binary_metrics(y, score, float(t)), "ci": point_ci,
+                    "at_stated_prevalence": ppv_npv_at_prevalence(point_ci["sensitivity"], point_ci["specificity"], cfg.prevalence),
+                }
+            result["calibration"] = {
+                "temperature": calibration.get("temperature", 1.0), "kept": calibration.get("kept", False),
                 "ece_before": before["ece"], "ece_after": metrics["ece"],
                 "brier_before": before["brier"], "brier_after": metrics["brier"],
                 "reliability": reliability_bins(y, score),
-            },
-            "curves": {"roc": roc_points(y, score), "pr": pr_points(y, score)},
-        }
-        patients = frame["patient_id"].astype(str) if "patient_id" in frame.columns else pd.Series([""] * len(frame))
-        if (patients != "").all() and patients.nunique() < len(frame):
-            per_patient = aggregate_by_patient(patients.to_numpy(), y, score, cfg.aggregate, cfg.top_k)
-            result["patient_level"] = {
-                "aggregation": cfg.aggregate + (f" (k={cfg.top_k})" if cfg.aggregate == "topk" else ""),
-                "patients": int(len(per_patient)),
-                "metrics": binary_metrics(per_patient["label"].to_numpy(), per_patient["score"].to_numpy(), 0.5),
-                "ci": bootstrap_ci(per_patient["label"].to_numpy(), per_patient["score"].to_numpy(), None, 0.5, cfg.bootstrap, seed=seed),
             }
-        else:
-            missing = int((patients == "").sum())
-            result["patient_level"] = {"note": f"not computed: {missing} images lack a patient ID" if missing else "not computed: one image per patient"}
+            result["curves"] = {"roc": roc_points(y, score), "pr": pr_points(y, score)}
+            result["subgroups"] = subgroups(frame, y, score, groups)
+        result["patient_level"] = patient_level(frame, y, score, card, cfg, seed)
+    return result
+
+
+def patient_level(frame: pd.DataFrame, y: np.ndarray, score: np.ndarray, card: dict[str, object], cfg: EvaluateConfig, seed: int) -> dict[str, object]:
+    """Study-level results by the model card's rule and study threshold (what the service answers per study)."""
+    rule: dict[str, object] = card.get("study_rule") or {"aggregation": "mean", "threshold": 0.5}  # type: ignore[assignment]
+    patients = frame["patient_id"].astype(str).to_numpy() if "patient_id" in frame.columns else np.full(len(frame), "")
+    if not len(patients):
+        return {"note": "not computed: no images"}
+    if (patients == "").any():
+        return {"note": f"not computed: {int((patients == '').sum())} images lack a patient ID"}
+    if len(np.unique(patients)) == len(patients):
+        return {"note": "not computed: one image per patient"}
+    _, labels, scores = study_scores(patients, y, score, rule)
+    threshold = float(rule.get("threshold", 0.5))  # type: ignore[arg-type]
+    counts = {"positive": int(labels.sum()), "negative": int((labels == 0).sum())}
+    out: dict[str, object] = {
+        "aggregation": rule_name(rule), "threshold": threshold, "patients": int(len(labels)), "class_counts": counts,
+        "metrics": binary_metrics(labels, scores, threshold),
+        "ci": _intervals(labels, scores, None, threshold, cfg, seed),
+        "at_stated_prevalence": {},
+    }
+    ci = out["ci"]
+    assert isinstance(ci, dict)
+    out["at_stated_prevalence"] = ppv_npv_at_prevalence(ci["sensitivity"], ci["specificity"], cfg.prevalence)
+    if min(counts.values()) < FEW_PATIENTS:
+        out["warning"] = (f"only {min(counts.values())} patients in the smaller class (fewer than {FEW_PATIENTS}): "
+                          "the intervals are wide and the figures are those of a pilot study")
+    return out
+
+
+def subgroups(frame: pd.DataFrame, y: np.ndarray, score: np.ndarray, groups: np.ndarray) -> dict[str, list[dict[str, object]]]:
+    """Metrics per value of the source/scanner/kernel/slice-thickness columns that vary within the set."""
+    out: dict[str, list[dict[str, object]]] = {}
+    for column in SUBGROUP_COLUMNS:
+        if column not in frame.columns:
+            continue
+        values = frame[column].astype(str).replace("", "unknown").to_numpy()
+        if len(np.unique(values)) < 2:
+            continue
+        rows = []
+        for value in sorted(np.unique(values)):
+            mask = values == value
+            intervals = binary_intervals(y[mask], score[mask], 0.5, groups[mask])
+            rows.append({"value": value, "images": int(mask.sum()), "patients_or_groups": int(len(np.unique(groups[mask]))),
+                         "positives": int(y[mask].sum()), **{k: intervals[k] for k in ("sensitivity", "specificity", "auc")}})
+        out[column] = rows
+    return out
+
+
+def score_set(
+    frame: pd.DataFrame, raw: np.ndarray, distances: np.ndarray, classes: list[str], card: dict[str, object],
+    gate_threshold: float, cfg: EvaluateConfig, seed: int,
+) -> dict[str, object]:
+    """One evaluation set as deployed (images the gate accepts) and, side by side, on all images.
+
+    `raw`: the model's uncalibrated probabilities (N, C); `distances`: the gate's.
+    """
+    labels = np.array([classes.index(str(v)) for v in frame["label"]])
+    counts = {c: int((labels == i).sum()) for i, c in enumerate(classes)}
+    temperature = float((card.get("calibration") or {}).get("temperature", 1.0))  # type: ignore[union-attr]
+    calibrated = apply_temperature(raw, temperature)
+    accepted = np.asarray(distances) <= gate_threshold
+    gate = {
+        "threshold": gate_threshold if math.isfinite(gate_threshold) else None,
+        "accepted": int(accepted.sum()), "refused": int((~accepted).sum()),
+        "refusal_rate": clustered_proportion(~accepted, _groups_for_ci(frame)[0]) if len(frame) else {},
+        "refused_by_class": {c: int((~accepted & (labels == i)).sum()) for i, c in enumerate(classes)},
+    }
+    if len(classes) > 2:
+        return {"n": len(labels), "class_counts": counts, "gate": gate, "metrics": multiclass_metrics(labels[accepted], calibrated[accepted], classes),
+                "all_images": {"n": len(labels), "metrics": multiclass_metrics(labels, calibrated, classes)}}
+    y = labels == 1
+    kept = frame[accepted].reset_index(drop=True)
+    result = score_block(kept, y[accepted], raw[accepted, 1], calibrated[accepted, 1], card, cfg, seed)
+    result.update({"class_counts": counts, "gate": gate})
+    result["all_images"] = score_block(frame, y, raw[:, 1], calibrated[:, 1], card, cfg, seed, full=False)
     return result
 
 
@@ -198,6 +299,79 @@ def patient_free(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[[c for c in ("label", "source", "split") if c in frame.columns]]
 
 
+def fit_run_gate(predictor: object, train_images: np.ndarray, val_images: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+    """The input gate of a run: training images' statistics, threshold from validation images (uint8 (N, 1, S, S))."""
+    from covidscan.gate import GATE_ARRAYS, GATE_METHOD, GATE_QUANTILE, gate_reference
+
+    train_stats = predictor.score(train_images, tta=False)[1]  # type: ignore[attr-defined]
+    val_stats = predictor.score(val_images, tta=False)[1]  # type: ignore[attr-defined]
+    fitted = gate_reference(train_stats, val_stats)
+    card = {"method": GATE_METHOD, "threshold": fitted["threshold"], "quantile_of_validation": GATE_QUANTILE,
+            "reference_images": int(len(train_stats)), "validation_images": int(len(val_stats)), "file": "gate.npz"}
+    return {k: np.asarray(fitted[k]) for k in GATE_ARRAYS}, card
+
+
+GATE_IMAGES = 1024  # at most this many training (and validation) images fit the gate
+
+
+def sample_rows(frame: pd.DataFrame, split: str, limit: int, seed: int = 0) -> pd.DataFrame:
+    rows = frame[frame["split"] == split]
+    return rows.iloc[np.sort(np.random.default_rng(seed).choice(len(rows), min(limit, len(rows)), replace=False))]
+
+
+def ensure_decision(run_dir: Path, frame: pd.DataFrame, cfg: EvaluateConfig, show: bool, log: Callable[[str], None]) -> object:
+    """The run's Predictor, with its gate and decision refitted on validation when `cfg` asks for another decision.
+
+    An override such as evaluate.target_sensitivity=0.8 or evaluate.tta=true must
+    change what is evaluated *and* what is served: the new calibration,
+    operating points and study rule are fitted on the validation part and
+    written into model.json (export again to serve them).
+    """
+    from covidscan.data.manifest import image_refs
+    from covidscan.gate import save_gate
+    from covidscan.pipeline import MODEL_CARD, load_image_array
+    from covidscan.predict import Predictor
+
+    predictor = Predictor(run_dir)
+    card = dict(predictor.card)
+    reasons = []
+    if predictor.gate is None:
+        train, val = (load_image_array(image_refs(sample_rows(frame, part, GATE_IMAGES)), predictor.size, f"gate: {part} images", show)
+                      for part in ("train", "val"))
+        arrays, card["gate"] = fit_run_gate(predictor, train, val)
+        save_gate(arrays, run_dir / "gate.npz")
+        reasons.append("the run had no input gate; fitted one on its training and validation images")
+    wanted = decision_settings(cfg)
+    recorded = card.get("decision_settings")
+    if recorded != wanted or "study_rule" not in card:
+        changed = [k for k in wanted if not isinstance(recorded, dict) or recorded.get(k) != wanted[k]]
+        val = frame[frame["split"] == "val"].reset_index(drop=True)
+        images = load_image_array(image_refs(val), predictor.size, "loading validation images", show)
+        card.update(fit_decision(val, predictor.score(images, tta=cfg.tta)[0], predictor.classes, cfg))
+        reasons.append("calibration, operating points and study rule refitted on the validation part"
+                       + (f" for {', '.join(f'evaluate.{k}={wanted[k]}' for k in changed)}" if isinstance(recorded, dict) else " (older run)"))
+    if reasons:
+        atomic.write_json(run_dir / MODEL_CARD, card)
+        for reason in reasons:
+            log(f"model.json updated: {reason}; export the run again to serve it")
+        predictor = Predictor(run_dir)
+    return predictor
+
+
+def training_duplicates(run_dir: Path, frame: pd.DataFrame, name: str, part: pd.DataFrame, show: bool) -> dict[str, object]:
+    """Images of an external set with a near duplicate among the run's training/validation images."""
+    from covidscan.data.split import leakage_report, leakage_threshold
+    from covidscan.models.embed import manifest_embeddings
+
+    trained = frame[frame["split"].isin(["train", "val"])].reset_index(drop=True)
+    seen = manifest_embeddings(trained, run_dir / "external" / "training-embeddings.npz", show=show)
+    held = manifest_embeddings(part, run_dir / "external" / f"{slug(name)}.embeddings.npz", show=show)
+    threshold = leakage_threshold(trained, seen)
+    report = leakage_report(np.concatenate([held, seen]), np.arange(len(held)), np.arange(len(held), len(held) + len(seen)), threshold)
+    report["compared_with"] = f"{len(seen)} training and validation images"
+    return report
+
+
 def evaluate_run(
     run_dir: str | Path,
     externals: dict[str, pd.DataFrame] | None = None,
@@ -205,87 +379,125 @@ def evaluate_run(
     show: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, object]:
-    """(Re-)evaluate a run on its test part and every external set; rewrite metrics.json and report.html.
+    """(Re-)evaluate a run as deployed on its test part and every external set; rewrite metrics.json and report.html.
 
+    As deployed: the run's input gate refuses images (metrics on the accepted
+    ones, and on all images side by side), probabilities are calibrated as
+    recorded, and studies are decided by the model card's rule.
     External manifests are copied into RUN/external/<name>.csv so that the
     run folder alone reproduces every figure; earlier ones are re-evaluated too.
     """
     import json
-
-    import torch
 
     from covidscan.config import load_config
     from covidscan.data.manifest import image_refs, load_manifest, save_manifest
     from covidscan.evaluate.report import write_report
     from covidscan.models.embed import embed_array
     from covidscan.pipeline import load_image_array
-    from covidscan.predict import Predictor
-    from covidscan.train.engine import predict_proba
 
     run_dir = Path(run_dir)
     config = load_config(run_dir / "config.yaml")
     cfg = cfg or config.evaluate
     seed = config.split.seed
-    predictor = Predictor(run_dir)
-    classes = predictor.classes
-    for name, frame in (externals or {}).items():
-        unknown = sorted(set(frame["label"].astype(str)) - set(classes))
+    frame = load_manifest(run_dir / "manifest.csv")
+    predictor = ensure_decision(run_dir, frame, cfg, show, log)
+    classes, card = predictor.classes, predictor.card  # type: ignore[attr-defined]
+    for name, external in (externals or {}).items():
+        unknown = sorted(set(external["label"].astype(str)) - set(classes))
         if unknown:
             raise DataError(name, f"labels {unknown} are not among the model's classes {classes}; index it with the same --labels")
-        save_manifest(frame, run_dir / "external" / f"{slug(name)}.csv")
-    frame = load_manifest(run_dir / "manifest.csv")
+        save_manifest(external, run_dir / "external" / f"{slug(name)}.csv")
     sets: dict[str, pd.DataFrame] = {IN_DOMAIN: frame[frame["split"] == "test"].reset_index(drop=True)}
     for path in sorted((run_dir / "external").glob("*.csv")):
         sets[path.stem] = load_manifest(path)
     metrics = read_json_object(run_dir / "metrics.json")
-    calibration = predictor.card.get("calibration") or {"temperature": 1.0, "operating_points": {"default": 0.5}}
-    model, normaliser = predictor.model, predictor.normaliser
-    evaluation: dict[str, object] = {"calibration": calibration, "tta": cfg.tta, "sets": {}}
+    model, normaliser = predictor.model, predictor.normaliser  # type: ignore[attr-defined]
+    evaluation: dict[str, object] = {
+        "calibration": card.get("calibration"), "study_rule": card.get("study_rule"), "gate": card.get("gate"),
+        "tta": bool(card.get("tta", False)), "prevalence": cfg.prevalence, "sets": {},
+    }
     embeddings, tsne_rows = [], []
     rng = np.random.default_rng(seed)
     train_rows = frame[frame["split"] == "train"]
     train_rows = train_rows.iloc[np.sort(rng.choice(len(train_rows), min(cfg.tsne_points, len(train_rows)), replace=False))]
     for name, part in [("training part", train_rows)] + list(sets.items()):
-        images = load_image_array(image_refs(part), predictor.size, f"loading {name}", show)
+        images = load_image_array(image_refs(part), predictor.size, f"loading {name}", show)  # type: ignore[attr-defined]
         if name != "training part":
-            probs = predict_proba(model, torch.from_numpy(images), normaliser, 64)
-            if cfg.tta:  # test-time augmentation: mean of the image and its left-right mirror
-                probs = (probs + predict_proba(model, torch.from_numpy(images[..., ::-1].copy()), normaliser, 64)) / 2
-            calibrated = apply_temperature(probs, float(calibration["temperature"]))
-            result = score_set(part, probs, calibrated, classes, calibration, cfg, seed)
+            raw, gate_stats = predictor.score(images)  # type: ignore[attr-defined]
+            distances = predictor.gate_distances(gate_stats)  # type: ignore[attr-defined]
+            result = score_set(part, raw, distances, classes, card, predictor.gate_threshold, cfg, seed)  # type: ignore[attr-defined]
             if len(classes) == 2:
                 y = np.array([str(v) == classes[1] for v in part["label"]])
-                score = calibrated[:, 1]
+                score = predictor.calibrated(raw)[:, 1]  # type: ignore[attr-defined]
                 result["explain"] = explain_set(model, normaliser, images, y, score, part, cfg, run_dir / "heatmaps" / slug(name), seed)
-                predictions = part[["path", "slice_index", "label", "patient_id"]].copy()
+                columns = [c for c in ("path", "slice_index", "label", "patient_id", "group") if c in part.columns]
+                predictions = part[columns].copy()
                 predictions["p_" + classes[1]] = score
+                predictions["gate_distance"] = distances
+                predictions["accepted"] = distances <= predictor.gate_threshold  # type: ignore[attr-defined]
                 atomic.write_with(run_dir / "predictions" / f"{slug(name)}.csv", lambda tmp: predictions.to_csv(tmp, index=False))
                 if name == IN_DOMAIN:
                     atomic.write_with(run_dir / "test_predictions.csv", lambda tmp: predictions.to_csv(tmp, index=False))
             result["kind"] = "in-domain" if name == IN_DOMAIN else "external"
             result["sources"] = sorted(part["source"].astype(str).unique()) if "source" in part.columns else []
+            if name != IN_DOMAIN:
+                result["training_duplicates"] = training_duplicates(run_dir, frame, name, part, show)
+            if "reference_standard" in part.columns:
+                result["reference_standard"] = {str(k or "unknown"): int(v) for k, v in part["reference_standard"].astype(str).value_counts().items()}
             evaluation["sets"][name] = result  # type: ignore[index]
-            m = result["metrics"]
-            log(f"{name}: {len(part)} images, accuracy {m['accuracy']:.3f}" + (f", AUC {m['auc']:.3f}" if "auc" in m else ""))  # type: ignore[index]
+            log(f"evaluated {name}: {len(part)} images")
         keep = np.sort(rng.choice(len(part), min(cfg.tsne_points, len(part)), replace=False))
         embeddings.append(embed_array(model, images[keep], normaliser, show=False))
         tsne_rows.append(patient_free(part.iloc[keep]).assign(set=name))
     table = pd.concat(tsne_rows, ignore_index=True)
     evaluation["tsne"] = tsne_summary(np.concatenate(embeddings), table, seed, run_dir / "tsne.csv")
     in_domain = evaluation["sets"][IN_DOMAIN]  # type: ignore[index]
-    metrics["test"] = in_domain["metrics"]
+    metrics["test"] = {**in_domain["metrics"], "n": in_domain["n"]}
     metrics["test_ci"] = in_domain.get("ci", {})
     metrics["evaluation"] = evaluation
     metrics["decision_support"] = DISCLAIMER
+    metrics["model_card"] = {k: card.get(k) for k in ("calibration", "study_rule", "gate", "tta", "decision_settings")}
     atomic.write_json(run_dir / "metrics.json", metrics)
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines() if line.strip()] if (run_dir / "history.jsonl").is_file() else []
     write_report(run_dir / "report.html", metrics, history, config, run_dir)
     return metrics
 
 
-def compare_predictions(a: pd.DataFrame, b: pd.DataFrame, positive_column: str) -> dict[str, object]:
-    """McNemar (decisions at 0.5) and DeLong (AUC) tests of two models on the same images."""
-    from covidscan.evaluate.stats import delong_test, mcnemar_test
+def _with_ci(value: float, ci: dict[str, float] | None) -> str:
+    if ci is None or math.isnan(value):
+        return "n/a" if math.isnan(value) else f"{value:.3f}"
+    return f"{value:.3f} ({ci['low']:.3f}-{ci['high']:.3f})"
+
+
+def set_summary(name: str, result: dict[str, object]) -> str:
+    """One line per evaluation set: refusals, study-level and slice-level figures with 95 % CIs."""
+    gate, m, ci = result.get("gate") or {}, result["metrics"], result.get("ci") or {}
+    assert isinstance(gate, dict) and isinstance(m, dict) and isinstance(ci, dict)
+    parts = [f"{name}: {result['n']} images accepted, {gate.get('refused', 0)} refused by the gate"]
+    if "auc" in m:
+        parts.append(f"slices AUC {_with_ci(m['auc'], ci.get('auc'))}")
+    patient = result.get("patient_level") or {}
+    assert isinstance(patient, dict)
+    if "metrics" in patient:
+        pm, pci = patient["metrics"], patient["ci"]
+        parts.append(f"{patient['patients']} patients ({patient['aggregation']}, threshold {patient['threshold']:.2f}): "
+                     + ", ".join(f"{k} {_with_ci(pm[k], pci.get(k))}" for k in ("sensitivity", "specificity", "auc")))
+    elif "accuracy" in m:
+        parts.append(f"accuracy {_with_ci(m['accuracy'], ci.get('accuracy'))}")
+    return "; ".join(parts)
+
+
+def compare_predictions(
+    a: pd.DataFrame, b: pd.DataFrame, positive_column: str, rules: tuple[dict[str, object], dict[str, object]] | None = None
+) -> dict[str, object]:
+    """Two models on the same images, with a patient's slices as one unit (never slices as independent).
+
+    Slices: clustered McNemar (decisions at 0.5) and clustered DeLong (AUC).
+    Patients (when IDs exist): each model's study rule, exact McNemar on the
+    study decisions and DeLong on the study probabilities. All images, gate ignored
+    (the two models' gates refuse different images).
+    """
+    from covidscan.evaluate.stats import clustered_delong_test, clustered_mcnemar_test, delong_test, mcnemar_test
 
     keys = ["path", "slice_index"] if "slice_index" in a.columns and "slice_index" in b.columns else ["path"]
     joined = a.merge(b, on=keys, suffixes=("_a", "_b"))
@@ -295,8 +507,22 @@ def compare_predictions(a: pd.DataFrame, b: pd.DataFrame, positive_column: str) 
         raise DataError("predictions", "the two runs label the same images differently")
     y = (joined["label_a"].astype(str) == positive_column.removeprefix("p_")).to_numpy()
     score_a, score_b = joined[positive_column + "_a"].to_numpy(float), joined[positive_column + "_b"].to_numpy(float)
-    return {
+    patients = joined["patient_id_a"].astype(str).to_numpy() if "patient_id_a" in joined.columns else np.full(len(joined), "")
+    has_ids = bool(len(patients)) and bool((patients != "").all())
+    units = patients if has_ids else np.arange(len(joined)).astype(str)
+    result: dict[str, object] = {
         "images": int(len(joined)),
-        "mcnemar": mcnemar_test(y, score_a >= 0.5, score_b >= 0.5),
-        "delong": delong_test(y, score_a, score_b),
+        "units": f"{len(np.unique(units))} " + ("patients" if has_ids else "images (no patient IDs: slices treated as independent)"),
+        "mcnemar": clustered_mcnemar_test(y, score_a >= 0.5, score_b >= 0.5, units),
+        "delong": clustered_delong_test(y, score_a, score_b, units),
     }
+    if has_ids and len(np.unique(patients)) < len(patients):
+        rule_a, rule_b = rules or ({"aggregation": "mean", "threshold": 0.5},) * 2
+        _, labels, study_a = study_scores(patients, y, score_a, rule_a)
+        _, _, study_b = study_scores(patients, y, score_b, rule_b)
+        result["patient_level"] = {
+            "patients": int(len(labels)),
+            "mcnemar": mcnemar_test(labels, study_a >= float(rule_a.get("threshold", 0.5)), study_b >= float(rule_b.get("threshold", 0.5))),  # type: ignore[arg-type]
+            "delong": delong_test(labels, study_a, study_b),
+        }
+    return result

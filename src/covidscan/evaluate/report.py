@@ -26,6 +26,7 @@ th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:.6rem}
 .gallery figure{margin:0;font-size:.8rem}.gallery img{width:100%;image-rendering:pixelated}
 figcaption{font-size:.85rem;color:#444}
+.text td{text-align:left}
 """
 _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 METRIC_ROWS = (
@@ -54,9 +55,20 @@ def _interval(ci: dict[str, dict[str, float]], key: str) -> str:
     return f"{_fmt(ci[key]['low'])} – {_fmt(ci[key]['high'])}"
 
 
-def _xy_chart(series: list[tuple[str, list[list[float]]]], x_label: str, y_label: str, title: str, diagonal: bool = True) -> str:
-    """Line chart on [0,1]² as inline SVG (ROC, PR, reliability)."""
-    size, pad = 260, 36
+Tick = tuple[float, str]  # (position in [0, 1], label)
+
+
+def _xy_chart(
+    series: list[tuple[str, list[list[float]]]], x_label: str, y_label: str, title: str, diagonal: bool = True,
+    x_ticks: list[Tick] | None = None, y_ticks: list[Tick] | None = None, marks: list[tuple[float, str]] | None = None,
+    dots: list[tuple[float, float, float, str]] | None = None,
+) -> str:
+    """Line chart on [0,1]² as inline SVG (ROC, PR, reliability, loss).
+
+    Ticks carry the real axis values; `marks` are labelled vertical lines
+    (e.g. the best epoch); `dots` are (x, y, radius, label) points.
+    """
+    size, pad = 280, 40
     span = size - 2 * pad
 
     def xy(point: list[float]) -> str:
@@ -66,28 +78,56 @@ def _xy_chart(series: list[tuple[str, list[list[float]]]], x_label: str, y_label
              f'<rect x="{pad}" y="{pad}" width="{span}" height="{span}" fill="none" stroke="#999"/>']
     if diagonal:
         parts.append(f'<line x1="{pad}" y1="{size - pad}" x2="{size - pad}" y2="{pad}" stroke="#bbb" stroke-dasharray="4 3"/>')
-    for tick in (0.0, 0.5, 1.0):
-        parts.append(f'<text x="{pad + tick * span:.0f}" y="{size - pad + 14}" font-size="10" text-anchor="middle">{tick:g}</text>')
-        parts.append(f'<text x="{pad - 4}" y="{size - pad - tick * span + 3:.0f}" font-size="10" text-anchor="end">{tick:g}</text>')
+    for tick, label in x_ticks or [(t, f"{t:g}") for t in (0.0, 0.5, 1.0)]:
+        parts.append(f'<text x="{pad + tick * span:.0f}" y="{size - pad + 14}" font-size="10" text-anchor="middle">{_e(label)}</text>')
+    for tick, label in y_ticks or [(t, f"{t:g}") for t in (0.0, 0.5, 1.0)]:
+        parts.append(f'<text x="{pad - 4}" y="{size - pad - tick * span + 3:.0f}" font-size="10" text-anchor="end">{_e(label)}</text>')
+    for x, label in marks or []:
+        parts.append(f'<line x1="{pad + x * span:.1f}" y1="{pad}" x2="{pad + x * span:.1f}" y2="{size - pad}" stroke="#2ca02c" stroke-dasharray="3 3"/>'
+                     f'<text x="{pad + x * span + 3:.1f}" y="{pad + span - 4}" font-size="10" fill="#2ca02c">{_e(label)}</text>')
     for i, (label, points) in enumerate(series):
         if points:
             color = _COLORS[i % len(_COLORS)]
             parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{" ".join(xy(p) for p in points)}"/>')
             parts.append(f'<text x="{pad + 4}" y="{pad + 14 + 13 * i}" font-size="11" fill="{color}">{_e(label)}</text>')
-    parts.append(f'<text x="{size / 2}" y="{size - 6}" font-size="11" text-anchor="middle">{_e(x_label)}</text>')
+    for x, y, radius, label in dots or []:
+        cx, cy = xy([x, y]).split(",")
+        parts.append(f'<circle cx="{cx}" cy="{cy}" r="{radius:.1f}" fill="#1f77b4" fill-opacity=".55"/>'
+                     f'<text x="{float(cx) + radius + 2:.1f}" y="{float(cy) + 3:.1f}" font-size="9">{_e(label)}</text>')
+    parts.append(f'<text x="{size / 2}" y="{size - 8}" font-size="11" text-anchor="middle">{_e(x_label)}</text>')
     parts.append(f'<text x="10" y="{size / 2}" font-size="11" text-anchor="middle" transform="rotate(-90 10 {size / 2})">{_e(y_label)}</text>')
     parts.append("</svg>")
     return f'<figure>{"".join(parts)}<figcaption>{_e(title)}</figcaption></figure>'
 
 
-def _loss_svg(history: list[dict[str, float]]) -> str:
-    """Train/val loss per epoch."""
+def _loss_svg(history: list[dict[str, float]], best_epoch: int | None = None) -> str:
+    """Train/val loss per epoch with real axis values and the best epoch (lowest validation loss) marked."""
     if not history:
         return ""
     top = max([r["train_loss"] for r in history] + [r["val_loss"] for r in history]) * 1.05 or 1.0
     n = max(len(history) - 1, 1)
     series = [(name, [[i / n, r[key] / top] for i, r in enumerate(history)]) for key, name in (("train_loss", "train loss"), ("val_loss", "validation loss"))]
-    return _xy_chart(series, f"epoch 1 … {len(history)}", f"loss (max {top:.2f})", "Loss per epoch", diagonal=False)
+    epochs = sorted({1, (len(history) + 1) // 2, len(history)})
+    x_ticks = [((e - 1) / n, str(e)) for e in epochs]
+    y_ticks = [(f, f"{f * top:.2f}") for f in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    marks = [((best_epoch - 1) / n, f"best epoch {best_epoch}")] if best_epoch and 1 <= best_epoch <= len(history) else []
+    return _xy_chart(series, "epoch", "cross-entropy loss", "Loss per epoch", diagonal=False, x_ticks=x_ticks, y_ticks=y_ticks, marks=marks)
+
+
+RELIABLE_BIN = 4  # bins with fewer images are drawn as dots only, never joined by a line
+
+
+def _reliability_svg(bins: list[dict[str, float]], title: str) -> str:
+    """Observed vs predicted per bin: dots sized and labelled by image count; lines only between well-filled bins."""
+    segments: list[list[list[float]]] = [[]]
+    for b in bins:
+        if b["count"] >= RELIABLE_BIN:
+            segments[-1].append([b["mean_predicted"], b["observed"]])
+        elif segments[-1]:
+            segments.append([])
+    series = [("observed vs predicted" if i == 0 else "", seg) for i, seg in enumerate(s for s in segments if len(s) > 1)]
+    dots = [(b["mean_predicted"], b["observed"], 2.0 + 4.0 * min(1.0, b["count"] / 50.0) ** 0.5, f"n={b['count']}") for b in bins]
+    return _xy_chart(series, "mean predicted probability", "observed COVID rate", title, dots=dots)
 
 
 def _tsne_svg(table: pd.DataFrame, column: str) -> str:
@@ -129,8 +169,87 @@ def _metric_table(m: dict[str, object], ci: dict[str, dict[str, float]], ci_unit
         f'<tr><td>{name}</td><td data-metric="{key}">{_fmt(m[key])}</td><td>{_interval(ci, key)}</td></tr>'
         for key, name in METRIC_ROWS if key in m
     )
-    return (f"<table><tr><th>Metric (threshold 0.5)</th><th>Value</th><th>95% CI (bootstrap over {_e(ci_unit)})</th></tr>"
+    return (f"<table><tr><th>Metric (threshold 0.5)</th><th>Value</th><th>95% CI ({_e(ci_unit)} as clusters)</th></tr>"
             f"{rows}<tr><td>Images</td><td>{m['n']}</td><td></td></tr></table>")
+
+
+def _with_interval(value: object, ci: dict[str, float] | None) -> str:
+    return _fmt(value) + (f"<br><small>{_fmt(ci['low'])} – {_fmt(ci['high'])}</small>" if ci else "")
+
+
+def _gate_html(result: dict[str, object], classes: list[str]) -> str:
+    gate = result.get("gate")
+    if not isinstance(gate, dict):
+        return ""
+    rate = gate.get("refusal_rate") or {}
+    total = int(gate["accepted"]) + int(gate["refused"])
+    by_class = ", ".join(f"{_e(c)} {n}" for c, n in gate.get("refused_by_class", {}).items())
+    css = "warn" if total and gate["refused"] / total > 0.1 else "note"
+    limit = f"distance above {_fmt(gate['threshold'])}" if gate.get("threshold") is not None else "no gate (older run)"
+    return (f'<p class="{css}"><strong>Input gate</strong> ({limit}): {gate["refused"]} of {total} images refused'
+            + (f" ({_fmt(rate['value'])}, 95% CI {_fmt(rate['low'])} – {_fmt(rate['high'])})" if rate else "")
+            + f"; refused by class: {by_class}. The service gives no answer for refused images, so the figures below are on the "
+            f"{gate['accepted']} accepted images; the same metrics on all images are shown beside them.</p>")
+
+
+def _accepted_vs_all(result: dict[str, object]) -> str:
+    everything = result.get("all_images")
+    if not isinstance(everything, dict):
+        return ""
+    m, ci, am, aci = result["metrics"], result.get("ci") or {}, everything["metrics"], everything.get("ci") or {}
+    assert isinstance(m, dict) and isinstance(am, dict) and isinstance(ci, dict) and isinstance(aci, dict)
+    rows = "".join(f"<tr><td>{_e(k)}</td><td>{_with_interval(m.get(k, math.nan), ci.get(k))}</td><td>{_with_interval(am.get(k, math.nan), aci.get(k))}</td></tr>"
+                   for k in SUMMARY_KEYS)
+    patient, all_patient = result.get("patient_level") or {}, everything.get("patient_level") or {}
+    assert isinstance(patient, dict) and isinstance(all_patient, dict)
+    if "metrics" in patient or "metrics" in all_patient:
+        for k in ("sensitivity", "specificity", "auc"):
+            rows += (f"<tr><td>study {_e(k)}</td><td>{_with_interval(patient.get('metrics', {}).get(k, math.nan), patient.get('ci', {}).get(k))}</td>"
+                     f"<td>{_with_interval(all_patient.get('metrics', {}).get(k, math.nan), all_patient.get('ci', {}).get(k))}</td></tr>")
+    return (f"<table><tr><th>Metric</th><th>Accepted by the gate ({result['n']} images; as served)</th>"
+            f"<th>All images ({everything['n']}; ungated)</th></tr>{rows}</table>")
+
+
+def _operating_points(points: dict[str, object], prevalence: float) -> str:
+    rows = ""
+    for name, point in points.items():
+        assert isinstance(point, dict)
+        v, ci, at = point["metrics"], point.get("ci", {}), point.get("at_stated_prevalence", {})
+        rows += (f"<tr><td>{_e(name)}</td><td>{_fmt(point['threshold'])}</td>"
+                 f"<td>{_with_interval(v['sensitivity'], ci.get('sensitivity'))}</td><td>{_with_interval(v['specificity'], ci.get('specificity'))}</td>"
+                 f"<td>{_with_interval(v['precision'], ci.get('precision'))}</td><td>{_with_interval(v['npv'], ci.get('npv'))}</td>"
+                 f"<td>{_with_interval(at.get('ppv', {}).get('value', math.nan), at.get('ppv'))}</td>"
+                 f"<td>{_with_interval(at.get('npv', {}).get('value', math.nan), at.get('npv'))}</td></tr>")
+    return ("<h4>Operating points (thresholds chosen on the validation part, applied here; 95% CIs)</h4>"
+            "<table><tr><th>Operating point</th><th>Threshold</th><th>Sensitivity</th><th>Specificity</th>"
+            f"<th>PPV (this set)</th><th>NPV (this set)</th><th>PPV at prevalence {_fmt(prevalence)}</th><th>NPV at prevalence {_fmt(prevalence)}</th></tr>"
+            f"{rows}</table><p>PPV and NPV depend on prevalence: those of this set reflect its own class mix, rarely the clinic's. "
+            f"The stated prevalence {_fmt(prevalence)} is set by evaluate.prevalence; its intervals come from the ends of the sensitivity and specificity intervals.</p>")
+
+
+def _subgroups_html(groups: dict[str, object]) -> str:
+    if not groups:
+        return ""
+    parts = ["<h4>Subgroups (threshold 0.5; 95% CIs)</h4>"]
+    for column, rows in groups.items():
+        assert isinstance(rows, list)
+        body = "".join(f"<tr><td>{_e(r['value'])}</td><td>{r['images']}</td><td>{r['patients_or_groups']}</td><td>{r['positives']}</td>"
+                       + "".join(f"<td>{_with_interval(r[k]['value'], r[k])}</td>" for k in ("sensitivity", "specificity", "auc")) + "</tr>"
+                       for r in rows)
+        parts.append(f"<table><tr><th>{_e(column)}</th><th>Images</th><th>Patients/groups</th><th>Positive images</th>"
+                     f"<th>Sensitivity</th><th>Specificity</th><th>AUC</th></tr>{body}</table>")
+    return "".join(parts)
+
+
+def _duplicates_html(report: object) -> str:
+    if not isinstance(report, dict):
+        return ""
+    css = "warn" if report.get("near_duplicates") else "note"
+    return (f'<p class="{css}"><strong>Overlap with the training data:</strong> {report["near_duplicates"]} of {report["test_images"]} images '
+            f'({report["share"]:.1%}) have a near duplicate (cosine ≥ {float(report["threshold"]):.3f}) among the model\'s '
+            f'{_e(report.get("compared_with", "training images"))}; median nearest-neighbour similarity {_fmt(report["median_nn_similarity"])}. '
+            + ("Those images are not independent of training: this set is not fully external." if report.get("near_duplicates") else "No image of this set was seen in training.")
+            + "</p>")
 
 
 def _confusion(m: dict[str, object], negative: str, positive: str, caption: str) -> str:
@@ -154,39 +273,62 @@ def _set_section(name: str, result: dict[str, object], classes: list[str], run_d
                 "<table><tr><th>Class (one vs rest)</th><th>Precision</th><th>Sensitivity</th><th>Specificity</th><th>F1</th><th>AUC</th></tr>"
                 f"{rows}</table></section>")
     negative, positive = classes[0], classes[-1]
-    parts = [head, _metric_table(m, result.get("ci", {}), str(result.get("ci_unit", "groups"))),  # type: ignore[arg-type]
-             _confusion(m, negative, positive, "Confusion matrix at the default threshold 0.5")]
+    parts = [head, _gate_html(result, classes), _duplicates_html(result.get("training_duplicates")), _accepted_vs_all(result)]
+    if result.get("reference_standard"):
+        parts.append("<p>Reference standard: " + ", ".join(f"{_e(k)} ({v} images)" for k, v in result["reference_standard"].items()) + ".</p>")  # type: ignore[union-attr]
+    if not result["n"]:
+        parts.append("<p class=\"warn\">The gate refused every image of this set: the service would answer nothing here.</p></section>")
+        return "".join(parts)
+    parts += [f"<h4>Slices accepted by the gate ({result['n']} images)</h4>", _metric_table(m, result.get("ci", {}), str(result.get("ci_unit", "groups"))),  # type: ignore[arg-type]
+              f"<p><small>{_e(result.get('ci_method', ''))}.</small></p>",
+              _confusion(m, negative, positive, "Confusion matrix at the default threshold 0.5")]
     points = result.get("operating_points", {})
     assert isinstance(points, dict)
-    rows = "".join(
-        f"<tr><td>{_e(p)}</td><td>{_fmt(v['threshold'])}</td>" + "".join(f"<td>{_fmt(v[k])}</td>" for k in ("sensitivity", "specificity", "precision", "npv", "f1")) + "</tr>"
-        for p, v in points.items()
-    )
-    parts.append("<h4>Operating points (thresholds chosen on the validation part, applied here)</h4>"
-                 "<table><tr><th>Operating point</th><th>Threshold</th><th>Sensitivity</th><th>Specificity</th><th>PPV</th><th>NPV</th><th>F1</th></tr>"
-                 f"{rows}</table>")
+    prevalence = float((result.get("prevalence") or {}).get("stated", 0.1))  # type: ignore[union-attr]
+    parts.append(_operating_points(points, prevalence))
     cal = result["calibration"]
     curves = result["curves"]
     assert isinstance(cal, dict) and isinstance(curves, dict)
-    reliability = [[b["mean_predicted"], b["observed"]] for b in cal["reliability"]]
+    calibration_note = (f"after temperature {_fmt(cal['temperature'])}, {_fmt(cal['ece_before'])} before" if cal.get("kept")
+                        else "uncalibrated: temperature scaling did not help on held-out validation patients")
     parts.append('<div class="figs">'
                  + _xy_chart([("ROC", curves["roc"])], "false positive rate", "sensitivity", f"ROC curve (AUC {_fmt(m['auc'])})")
                  + _xy_chart([("precision-recall", curves["pr"])], "recall", "precision", f"Precision-recall curve (AUC-PR {_fmt(m['auc_pr'])})", diagonal=False)
-                 + _xy_chart([("observed vs predicted", reliability)], "mean predicted probability", "observed COVID rate",
-                             f"Reliability diagram (ECE {_fmt(cal['ece_after'])} after, {_fmt(cal['ece_before'])} before temperature {_fmt(cal['temperature'])})")
+                 + _reliability_svg(cal["reliability"], f"Reliability diagram (ECE {_fmt(cal['ece_after'])} {calibration_note}); "
+                                    f"dots sized by images per bin, bins under {RELIABLE_BIN} images not joined")
                  + "</div>")
+    parts.append(_subgroups_html(result.get("subgroups") or {}))  # type: ignore[arg-type]
     patient = result.get("patient_level", {})
     assert isinstance(patient, dict)
     if "metrics" in patient:
         pm = patient["metrics"]
-        parts.append(f"<h4>Patient level ({patient['patients']} patients, slice probabilities aggregated by {_e(patient['aggregation'])})</h4>"
-                     "<table><tr><th>Metric</th><th>Value</th><th>95% CI (bootstrap over patients)</th></tr>"
-                     + "".join(f"<tr><td>{k}</td><td>{_fmt(pm[k])}</td><td>{_interval(patient['ci'], k)}</td></tr>" for k in SUMMARY_KEYS) + "</table>")
+        warning = f'<p class="warn">{_e(patient["warning"])}.</p>' if patient.get("warning") else ""
+        at = patient.get("at_stated_prevalence", {})
+        parts.append(f"<h4>Study level: {patient['patients']} patients ({patient['class_counts']['positive']} positive), "
+                     f"{_e(patient['aggregation'])}, study threshold {_fmt(patient['threshold'])} (the service's study answer)</h4>{warning}"
+                     "<table><tr><th>Metric</th><th>Value</th><th>95% CI (Wilson; Newcombe for AUC)</th></tr>"
+                     + "".join(f"<tr><td>{k}</td><td>{_fmt(pm[k])}</td><td>{_interval(patient['ci'], k)}</td></tr>" for k in SUMMARY_KEYS)
+                     + "".join(f"<tr><td>{k.upper()} at prevalence {_fmt(prevalence)}</td><td>{_fmt(at[k]['value'])}</td><td>{_fmt(at[k]['low'])} – {_fmt(at[k]['high'])}</td></tr>"
+                               for k in ("ppv", "npv") if k in at)
+                     + "</table>")
     else:
-        parts.append(f"<p>Patient level: {_e(patient.get('note', 'not computed'))}.</p>")
+        parts.append(f"<p>Study level: {_e(patient.get('note', 'not computed'))}.</p>")
     parts.append(_gallery(result.get("explain"), run_dir))  # type: ignore[arg-type]
     parts.append("</section>")
     return "".join(parts)
+
+
+def _colour_scale() -> str:
+    """The heat-map colour bar (the overlay's own table), 0 = no attention, 1 = the map's maximum."""
+    from covidscan.explain.overlay import colorize
+
+    import numpy as np
+
+    stops = colorize(np.linspace(0.0, 1.0, 11)[None, :])[0]
+    gradient = ", ".join(f"rgb({r},{g},{b}) {i * 10}%" for i, (r, g, b) in enumerate(stops))
+    return (f'<div aria-label="heat-map colour scale" style="display:flex;align-items:center;gap:.4rem;font-size:.8rem">low (0)'
+            f'<span style="display:inline-block;width:12rem;height:.8rem;background:linear-gradient(to right, {gradient})"></span>'
+            "high (1: the map's maximum on that image)</div>")
 
 
 def _gallery(explain: dict[str, object] | None, run_dir: Path | None) -> str:
@@ -210,7 +352,86 @@ def _gallery(explain: dict[str, object] | None, run_dir: Path | None) -> str:
         f'<p>Plausibility: on {plaus["images"]} sampled images ({plaus["with_lung_mask"]} with a lung mask found), '
         f'mean share of heat-map energy inside the lungs {_fmt(plaus["mean_lung_energy"])} (median {_fmt(plaus["median_lung_energy"])}); '
         f'the lung mask covers {_fmt(plaus["mean_lung_area"])} of the image on average, which is what a map blind to anatomy would score.</p>'
-        f'<div class="gallery">{"".join(figures) or "<p>No heat maps.</p>"}</div>'
+        f'{_colour_scale()}<div class="gallery">{"".join(figures) or "<p>No heat maps.</p>"}</div>'
+    )
+
+
+def _deployed_html(evaluation: dict[str, object]) -> str:
+    """What the service does with an image and a study, as recorded in model.json."""
+    calibration, rule, gate = evaluation.get("calibration") or {}, evaluation.get("study_rule") or {}, evaluation.get("gate") or {}
+    assert isinstance(calibration, dict) and isinstance(rule, dict) and isinstance(gate, dict)
+    from covidscan.decision import rule_name
+
+    points = ", ".join(f"{_e(k)} at {_fmt(v)}" for k, v in (calibration.get("operating_points") or {}).items())
+    return (
+        '<section id="deployed"><h2>The deployed decision (model.json)</h2><table class="text">'
+        f"<tr><td>Input gate</td><td>refuses images whose feature statistics lie further than {_fmt(gate.get('threshold', math.nan))} "
+        f"from the training images' ({_fmt(gate.get('quantile_of_validation', math.nan))} quantile of validation distances)</td></tr>"
+        f"<tr><td>Calibration</td><td>{_e(calibration.get('reason', 'not recorded'))}; T = {_fmt(float(calibration.get('temperature', 1.0)))}</td></tr>"
+        f"<tr><td>Test-time augmentation</td><td>{'mirror-averaged probabilities (evaluated, calibrated and served alike)' if evaluation.get('tta') else 'none'}</td></tr>"
+        f"<tr><td>Slice operating points</td><td>{points}</td></tr>"
+        f"<tr><td>Study rule</td><td>{_e(rule_name(rule))}, study threshold {_fmt(float(rule.get('threshold', 0.5)))} "
+        f"(chosen on the {_e(rule.get('chosen_on', 'default'))})</td></tr>"
+        "</table><p>Validation images served three purposes (early stopping, calibration check, thresholds); with few validation "
+        "patients these choices are noisy, which the test-set intervals include only in part.</p></section>"
+    )
+
+
+def _provenance_html(data: dict[str, object]) -> str:
+    provenance = data.get("provenance") or {}
+    assert isinstance(provenance, dict)
+    rows = "".join(f"<tr><td>{_e(source)}</td><td>{_e(p['description'])}</td></tr>" for source, p in provenance.items())
+    return f'<table class="text"><tr><th>Source</th><th>Origin</th></tr>{rows}</table>' if rows else ""
+
+
+def _model_card_html(
+    metrics: dict[str, object], evaluation: dict[str, object], config: RunConfig, classes: list[str], externals: list[str]
+) -> str:
+    """The model card, every line derived from the run's data (no fixed claims)."""
+    data = metrics.get("data") or {}
+    assert isinstance(data, dict)
+    by_split = data.get("by_split") or {}
+    train = by_split.get("train", {}) if isinstance(by_split, dict) else {}
+    provenance = data.get("provenance") or {}
+    assert isinstance(provenance, dict)
+    sources = ", ".join(sorted(provenance)) or ", ".join(sorted({k.split(" / ")[0] for k in data.get("by_source_and_class", {})}))  # type: ignore[union-attr]
+    training = (f"{train['images']} images of {train['patients_or_groups']} patients/groups from {_e(sources)} "
+                f"(validation {by_split['val']['images']} and test {by_split['test']['images']} images held out)"
+                if train else f"{data.get('images', '?')} images from {_e(sources)} (train, validation and test parts together)")
+    limitations = []
+    uncertain = [s for s, p in provenance.items() if isinstance(p, dict) and p.get("uncertain")]
+    if uncertain:
+        limitations.append(f"training data of uncertain provenance ({_e(', '.join(uncertain))})")
+    if any(isinstance(p, dict) and p.get("uncertain") is None for p in provenance.values()):
+        limitations.append("provenance of the user's own data as documented by its owner")
+    if any(isinstance(p, dict) and "synthetic" in str(p.get("description")) for p in provenance.values()):
+        limitations.append("trained on synthetic images: a demonstration, not a medical model")
+    if data.get("images_without_patient_id"):
+        limitations.append("images without patient IDs were grouped by image similarity")
+    limitations.append("slice-level labels")
+    sets = evaluation.get("sets") or {}
+    assert isinstance(sets, dict)
+    small = [n for n, r in sets.items() if isinstance(r.get("patient_level"), dict) and r["patient_level"].get("warning")]
+    if small:
+        limitations.append(f"fewer than 30 patients per class in {_e(', '.join(small))}: wide intervals")
+    limitations.append("heat maps show where the model looked, not where disease is")
+    if externals:
+        external_line = (f"Measured on {len(externals)} external set(s) ({_e(', '.join(externals))}): see the summary. "
+                         + ("One external set cannot say how the model will do in another hospital." if len(externals) == 1 else
+                            "Their spread, not any one of them, is the best guide to another hospital."))
+    else:
+        external_line = "No external data set evaluated yet: performance on another hospital's images is unknown."
+    points = list(((evaluation.get("calibration") or {}).get("operating_points") or {}))  # type: ignore[union-attr]
+    return (
+        '<section id="model-card"><h2>Model card</h2><table class="text">'
+        f"<tr><td>Intended use</td><td>{_e(metrics['decision_support'])} A second reader for adult chest CT slices and studies, "
+        f"beside a radiologist's own reading; not a stand-alone test, not for children, not validated prospectively. "
+        f"Offered operating points: {_e(', '.join(points))}; a high-sensitivity point flags slices for a closer look, it does not rule disease out.</td></tr>"
+        f"<tr><td>Backbone</td><td>{_e(config.model.backbone)} ({_e(config.model.weights)} weights, transfer '{_e(config.model.transfer)}')</td></tr>"
+        f"<tr><td>Input</td><td>{config.data.image_size or 'backbone default'} px grey, classes {_e(', '.join(classes))} (positive: {_e(classes[-1])})</td></tr>"
+        f"<tr><td>Training data</td><td>{training}</td></tr>"
+        f"<tr><td>External results</td><td>{external_line}</td></tr>"
+        f"<tr><td>Limitations</td><td>{'; '.join(limitations)}.</td></tr></table></section>"
     )
 
 
@@ -228,23 +449,37 @@ def write_report(
     counts = split["counts"]
     assert isinstance(counts, dict)
 
-    summary_rows = "".join(
-        f'<tr class="{"external" if r.get("kind") == "external" else ""}"><td>{_e(name)}</td><td>{_e(r.get("kind"))}</td><td>{r["n"]}</td>'
-        + "".join(f'<td>{_fmt(r["metrics"].get(k, math.nan))}' + (f'<br><small>{_interval(r.get("ci", {}), k)}</small>' if r.get("ci") else "") + "</td>" for k in SUMMARY_KEYS)  # type: ignore[union-attr]
-        + "</tr>"
-        for name, r in sets.items()
-    )
+    def cell(block: dict[str, object] | None, key: str) -> str:
+        if not isinstance(block, dict) or "metrics" not in block:
+            return "<td>n/a</td>"
+        return f"<td>{_with_interval(block['metrics'].get(key, math.nan), (block.get('ci') or {}).get(key))}</td>"  # type: ignore[union-attr]
+
+    summary_rows = ""
+    for name, r in sets.items():
+        gate = r.get("gate") or {}
+        patient = r.get("patient_level") or {}
+        assert isinstance(gate, dict) and isinstance(patient, dict)
+        total = int(gate.get("accepted", r["n"])) + int(gate.get("refused", 0))
+        summary_rows += (
+            f'<tr class="{"external" if r.get("kind") == "external" else ""}"><td>{_e(name)}</td><td>{_e(r.get("kind"))}</td><td>{total}</td>'
+            f'<td>{gate.get("refused", 0)}</td>' + cell(r, "auc") + cell(r.get("all_images"), "auc")  # type: ignore[arg-type]
+            + f'<td>{patient.get("patients", "n/a")}</td>' + "".join(cell(patient, k) for k in ("sensitivity", "specificity", "auc")) + "</tr>"
+        )
     externals = [n for n, r in sets.items() if r.get("kind") == "external"]
     verdicts = []
     home = next((r for r in sets.values() if r.get("kind") == "in-domain"), None)
     for name in externals:
         m, ci = sets[name]["metrics"], sets[name].get("ci", {})
-        if home is None or "auc" not in m:  # type: ignore[operator]
+        if home is None or "auc" not in m or "auc" not in home["metrics"]:  # type: ignore[operator]
             continue
         auc, home_auc = float(m["auc"]), float(home["metrics"]["auc"])  # type: ignore[index]
+        if math.isnan(auc) or math.isnan(home_auc):
+            continue
         chance = isinstance(ci, dict) and "auc" in ci and ci["auc"]["low"] <= 0.5 <= ci["auc"]["high"]
+        gate = sets[name].get("gate") or {}
+        refused = f" after the gate refused {gate.get('refused')} of its images" if isinstance(gate, dict) and gate.get("refused") else ""
         verdicts.append(
-            f"On <strong>{_e(name)}</strong> the AUC is {_fmt(auc)} against {_fmt(home_auc)} in-domain "
+            f"On <strong>{_e(name)}</strong> the slice AUC is {_fmt(auc)}{refused} against {_fmt(home_auc)} in-domain "
             f"({(auc - home_auc) * 100:+.1f} points)" + ("; its 95% CI includes 0.5: <strong>no better than chance</strong> on these images." if chance else ".")
         )
     verdict_html = f'<p class="warn">{" ".join(verdicts)}</p>' if verdicts else ""
@@ -254,7 +489,6 @@ def write_report(
     audit = data.get("audit", {})
     audit_line = (f"Audited: {audit.get('flagged_images')} images carry audit flags (see the audit report)."
                   if audit.get("checked") else _e(audit.get("note", "No audit information.")))
-    calibration = evaluation.get("calibration", {})
     tsne = evaluation.get("tsne", {})
     tsne_html = ""
     if run_dir is not None and isinstance(tsne, dict) and (run_dir / str(tsne.get("file", ""))).is_file():
@@ -266,38 +500,32 @@ def write_report(
             f"source data set {_fmt(sil['source'])}, evaluation set {_fmt(sil['set'])}. "
             "If sources separate more clearly than classes, the model may have learnt the hospital, not the disease.</p>"
         )
-    external_line = (f"External results on {', '.join(externals)}: see the table above; they are the figures to expect elsewhere."
-                     if externals else "No external data set evaluated yet: performance on another hospital's images is unknown.")
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>covidscan report</title><style>{_STYLE}</style></head><body>
 <h1>covidscan run report</h1>
 <p id="intended-use" class="warn" role="note"><strong>{_e(metrics['decision_support'])}</strong>
-In-domain figures are measured on held-out patients of the training data set; external figures on data sets the model never saw.</p>
+In-domain figures are measured on held-out patients of the training data set; external figures on data sets the model never saw.
+Every figure is of the decision as deployed: the input gate, the calibration and the study rule that the service applies.</p>
 <section id="summary"><h2>Results: in-domain vs external</h2>
-<table><tr><th>Evaluation set</th><th>Kind</th><th>Images</th>{"".join(f"<th>{k}</th>" for k in SUMMARY_KEYS)}</tr>{summary_rows}</table>
+<table><tr><th>Evaluation set</th><th>Kind</th><th>Images</th><th>Refused by the gate</th><th>Slice AUC (accepted)</th><th>Slice AUC (all images)</th>
+<th>Patients</th><th>Study sensitivity</th><th>Study specificity</th><th>Study AUC</th></tr>{summary_rows}</table>
 {verdict_html}
-<p>Default threshold 0.5 (stated, not tuned); 95% bootstrap CIs under each value.
-Probabilities are temperature-scaled (T = {_fmt(calibration.get('temperature', 1.0))}, fitted on the validation part).</p></section>
+<p>95% CIs under each value: Wilson (proportions) and Newcombe (AUC) intervals with patients as clusters; they stay valid at 0 % and 100 %.
+Study figures use the study rule and threshold below, one answer per patient.</p></section>
+{_deployed_html(evaluation)}
 <section id="provenance"><h2>Data provenance</h2><p>{data.get('images', '?')} images, {data.get('patients_known', '?')} known patients,
 {data.get('images_without_patient_id', '?')} images without a patient ID.</p>
-<table><tr><th>Source / class</th><th>Images</th></tr>{provenance}</table><p>{audit_line}</p></section>
+<table><tr><th>Source / class</th><th>Images</th></tr>{provenance}</table>{_provenance_html(data)}<p>{audit_line}</p></section>
 <section id="split"><h2>Split protocol</h2><p>By <strong>{_e(split['by'])}</strong> (seed {split['seed']}): no group (patient or similarity cluster) appears in more than one part.
 Images: train {counts.get('train')}, validation {counts.get('val')}, test {counts.get('test')}.
-Model selection, early stopping, temperature and operating points used the validation part only.</p>
+Model selection, early stopping, calibration, operating points, study rule and gate threshold used the training and validation parts only.</p>
 {_leakage_html(split)}</section>
 <section id="details"><h2>Results per evaluation set</h2>{"".join(_set_section(n, r, classes, run_dir, i) for i, (n, r) in enumerate(sets.items()))}</section>
 <section id="tsne"><h2>Embedding map (t-SNE)</h2>{tsne_html or "<p>Not computed.</p>"}</section>
-<section id="training"><h2>Training</h2>{_loss_svg(history)}
+<section id="training"><h2>Training</h2>{_loss_svg(history, int(metrics['training'].get('best_epoch') or 0))}
 <p>Best epoch {metrics['training']['best_epoch']} of {metrics['training']['epochs_run']} (lowest validation loss).</p></section>
-<section id="model-card"><h2>Model card</h2><table>
-<tr><td>Intended use</td><td>{_e(metrics['decision_support'])} Second reader for chest CT slices; not for screening without a clinician, not for children, not validated prospectively.</td></tr>
-<tr><td>Backbone</td><td>{_e(config.model.backbone)} ({_e(config.model.weights)} weights, transfer '{_e(config.model.transfer)}')</td></tr>
-<tr><td>Input</td><td>{config.data.image_size or 'backbone default'} px grey, classes {_e(', '.join(classes))} (positive: {_e(positive)})</td></tr>
-<tr><td>Training data</td><td>{data.get('images', '?')} images from {_e(', '.join(sorted({k.split(' / ')[0] for k in data.get('by_source_and_class', {})})))}</td></tr>
-<tr><td>External results</td><td>{_e(external_line)}</td></tr>
-<tr><td>Limitations</td><td>Public data sets of uncertain provenance; slice-level labels; CIs resample whole groups and are wide with few test patients (that is the honest answer);
-heat maps show where the model looked, not where disease is.</td></tr></table></section>
+{_model_card_html(metrics, evaluation, config, classes, externals)}
 </body></html>
 """
     return atomic.write_text(path, page)

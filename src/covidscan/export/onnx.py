@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from torch import nn
 
 from covidscan import DISCLAIMER, __version__, atomic
 from covidscan.errors import CovidscanError
+from covidscan.gate import GATE_ARRAYS, GATE_METHOD, GATE_QUANTILE, gate_distance, gate_reference, save_gate
 from covidscan.models.classifier import CovidClassifier, _get_module
 
 BUNDLE_FORMAT = "covidscan-onnx-bundle/1"
@@ -78,37 +78,6 @@ def parity(wrapper: ExportWrapper, onnx_path: Path, inputs: np.ndarray) -> dict[
     }
 
 
-GATE_QUANTILE = 0.995  # of validation distances: ~0.5 % of real unseen scans are refused
-GATE_MAX_DIMS = 256
-
-
-def gate_reference(stats: Callable[[np.ndarray], np.ndarray], train: np.ndarray, val: np.ndarray) -> dict[str, np.ndarray | float]:
-    """The input gate: Mahalanobis distance of an image's gate statistics from the training images'.
-
-    Fitted on training images (Ledoit-Wolf shrinkage covariance, after PCA when
-    there are many channels); the refusal threshold is the 99.5th percentile
-    of the distances of *validation* images, i.e. unseen patients of the same kind.
-    `stats` maps images to gate statistics with the graph the service will run.
-    """
-    from sklearn.covariance import LedoitWolf
-    from sklearn.decomposition import PCA
-
-    train_stats, val_stats = stats(train).astype(np.float64), stats(val).astype(np.float64)
-    dims = min(train_stats.shape[1], GATE_MAX_DIMS, max(1, len(train_stats) - 1))
-    pca = PCA(dims, random_state=0).fit(train_stats)
-    projection, center = pca.components_, pca.mean_
-    covariance = LedoitWolf().fit((train_stats - center) @ projection.T)
-    reference = {"center": center, "projection": projection, "location": covariance.location_, "precision": covariance.precision_}
-    distances = gate_distance(reference, val_stats)
-    return {**reference, "threshold": float(np.quantile(distances, GATE_QUANTILE)), "val_distances": distances}
-
-
-def gate_distance(reference: dict[str, np.ndarray], gate_features: np.ndarray) -> np.ndarray:
-    """Mahalanobis distance of gate statistics (N, D) from the training reference (what the service computes too)."""
-    z = (np.asarray(gate_features, np.float64) - reference["center"]) @ reference["projection"].T - reference["location"]
-    return np.sqrt(np.maximum(np.einsum("nd,de,ne->n", z, reference["precision"], z), 0.0))
-
-
 def export_model(
     model: CovidClassifier,
     mean: float,
@@ -121,6 +90,7 @@ def export_model(
     gate_val: np.ndarray,
     int8: bool = False,
     check_labels: np.ndarray | None = None,
+    run_gate: dict[str, np.ndarray] | None = None,
 ) -> dict[str, object]:
     """Write OUT/model.onnx, model.json and gate.npz for a model; images are float32 (N, 1, S, S) in [0, 1].
 
@@ -128,6 +98,9 @@ def export_model(
     leaves half a bundle. Refuses when ONNX Runtime disagrees with PyTorch.
     `int8`: serve a statically quantised graph instead, if its decisions on
     `real_images` (labels `check_labels` for the AUC) stay those of fp32.
+    `run_gate`: the run's own gate (arrays of gate.npz; its threshold is in
+    `card["gate"]`), kept so that the bundle refuses exactly what the run's
+    evaluation refused; refitted on the served graph for int8 or when absent.
     """
     out_dir = Path(out_dir)
     model = model.eval()
@@ -164,8 +137,20 @@ def export_model(
 
         return onnx_run(staging / "model.onnx", images)[2]
 
-    gate = gate_reference(served_stats, gate_train, gate_val)
-    np.savez_compressed(staging / "gate.npz", **{k: np.asarray(gate[k], np.float32) for k in ("center", "projection", "location", "precision")})
+    if run_gate is not None and not int8 and isinstance(card.get("gate"), dict):
+        gate_arrays, gate_card = run_gate, dict(card["gate"])  # type: ignore[arg-type]
+        with torch.no_grad():
+            reference_stats = wrapper(torch.from_numpy(gate_val[:32].astype(np.float32)))[2].numpy()
+        difference = np.abs(gate_distance(gate_arrays, served_stats(gate_val[:32])) - gate_distance(gate_arrays, reference_stats))
+        checks["gate"] = {"images": int(min(32, len(gate_val))), "max_abs_distance_diff": float(difference.max()) if len(difference) else 0.0}
+        gate_card["fitted"] = "with the run (evaluated with it); ONNX distances checked against PyTorch's"
+    else:
+        fitted = gate_reference(served_stats(gate_train), served_stats(gate_val))
+        gate_arrays = {k: np.asarray(fitted[k]) for k in GATE_ARRAYS}
+        gate_card = {"method": GATE_METHOD, "threshold": fitted["threshold"], "quantile_of_validation": GATE_QUANTILE,
+                     "reference_images": int(len(gate_train)), "validation_images": int(len(gate_val)),
+                     "fitted": "at export on the served graph" + (" (int8 statistics differ from the run's fp32 ones)" if int8 else "")}
+    save_gate(gate_arrays, staging / "gate.npz")
     card = dict(card)
     card.update({
         "format": BUNDLE_FORMAT,
@@ -176,9 +161,7 @@ def export_model(
         "outputs": {"logits": "class scores (softmax(logits / temperature) = probabilities)", "features": "last feature map (CAM layer)",
                     "gate_features": f"log(1 + |mean, std|) per channel of '{model.gate_layer_name() or 'the last feature map'}' (input gate)"},
         "cam": {"weights": model.head.weight.detach().numpy().round(7).tolist(), "method": "CAM = Grad-CAM for the GAP-linear head"},
-        "gate": {"file": "gate.npz", "method": "Mahalanobis distance of intermediate feature statistics (Ledoit-Wolf)",
-                 "threshold": gate["threshold"], "quantile_of_validation": GATE_QUANTILE, "reference_images": int(len(gate_train)),
-                 "validation_images": int(len(gate_val))},
+        "gate": {**gate_card, "file": "gate.npz"},
         "parity": checks,
         **precision,
         "exported_with": f"covidscan {__version__}, torch {torch.__version__}",
@@ -211,4 +194,5 @@ def export_run(run_dir: str | Path, out_dir: str | Path, gate_images: int = 1024
     return export_model(
         predictor.model, predictor.normaliser.mean, predictor.normaliser.std, predictor.size, predictor.card, out_dir,
         test_images, images_of("train", gate_images)[0], images_of("val", gate_images)[0], int8=int8, check_labels=test_labels,
+        run_gate=predictor.gate,
     )

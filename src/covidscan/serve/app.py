@@ -80,9 +80,11 @@ class SliceOut(BaseModel):
 
 class StudyOut(BaseModel):
     label: str
-    probability: float = Field(description="Mean of the top-3 slice probabilities of the positive class (gated slices only).")
+    probability: float = Field(description="Study probability of the positive class by the model card's rule (accepted slices only).")
     slices_used: int
     slices_refused: int
+    rule: str = Field(description="How slice probabilities became the study's, e.g. 'mean of the slices' (chosen on validation patients).")
+    threshold: float = Field(description="Study threshold, chosen on validation patients.")
 
 
 class FileOut(BaseModel):
@@ -184,12 +186,13 @@ def _heat_rgba(heat: np.ndarray) -> np.ndarray:
     return np.concatenate([rgb, alpha], axis=2)
 
 
-def _study(results: list[SliceResult], classes: list[str], threshold: float) -> StudyOut:
-    kept = [r.probabilities[classes[-1]] for r in results if r.in_distribution]
-    top = sorted(kept, reverse=True)[:3]
-    probability = float(np.mean(top)) if top else float("nan")
-    label = (classes[-1] if probability >= threshold else classes[0]) if top else "refused"
-    return StudyOut(label=label, probability=probability if top else 0.0, slices_used=len(kept), slices_refused=len(results) - len(kept))
+def _study(results: list[SliceResult], bundle: Bundle) -> StudyOut:
+    """The model card's study rule (chosen on validation patients, the one the report evaluates)."""
+    from covidscan.decision import rule_name
+
+    label, probability, used = bundle.study(results)
+    return StudyOut(label=label, probability=probability if used else 0.0, slices_used=used, slices_refused=len(results) - used,
+                    rule=rule_name(bundle.study_rule), threshold=float(bundle.study_rule.get("threshold", 0.5)))  # type: ignore[arg-type]
 
 
 def _images(data: bytes, name: str) -> tuple[str, Iterator[np.ndarray]]:
@@ -343,7 +346,7 @@ def create_app(
         return PredictOut(
             decision_support=DISCLAIMER, model_version=bundle.version, threshold=bundle.threshold,
             positive_class=bundle.classes[-1], results=out_files,
-            study=_study(all_results, bundle.classes, bundle.threshold) if study and len(all_results) > 1 else None,
+            study=_study(all_results, bundle) if study and len(all_results) > 1 else None,
             timing_ms={"total": round(total_ms, 2)},
         )
 
@@ -362,7 +365,7 @@ def create_app(
             )
             for i, r in enumerate(results)
         ]
-        file_study = _study(results, bundle.classes, bundle.threshold) if volume else None
+        file_study = _study(results, bundle) if volume else None
         if file_study is not None and file_study.slices_used == 0:
             raise ApiError(422, "unlike the training data", f"{name}: none of its {len(results)} slices is like the chest CT slices the model was trained on")
         return FileOut(file=name, kind=kind, slices=slices, study=file_study)

@@ -14,7 +14,9 @@ import numpy as np
 from covidscan import DISCLAIMER
 from covidscan.data.io import resize_gray
 from covidscan.atomic import recover_folder
+from covidscan.decision import aggregate_scores
 from covidscan.errors import CovidscanError
+from covidscan.gate import gate_distance, load_gate
 from covidscan.model_card import read_model_card
 
 BUNDLE_FILES = ("model.json", "model.onnx", "gate.npz")
@@ -28,6 +30,11 @@ class SliceResult:
     gate_distance: float
     heatmap: np.ndarray | None = None  # (S, S) in [0, 1]
     image: np.ndarray | None = field(default=None, repr=False)  # resized uint8 (S, S)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 class Bundle:
@@ -46,8 +53,9 @@ class Bundle:
         self.classes, self.size, self.threshold, self.temperature = card.classes, card.size, card.threshold, card.temperature
         self.cam_weights = np.asarray(self.card["cam"]["weights"], np.float32)  # (classes, channels)
         self.gate_threshold = float(self.card["gate"]["threshold"])
-        with np.load(self.folder / "gate.npz") as gate:
-            self.gate_reference = {k: gate[k].astype(np.float64) for k in ("center", "projection", "location", "precision")}
+        self.gate_reference = load_gate(self.folder / "gate.npz")
+        self.study_rule: dict[str, object] = self.card.get("study_rule") or {"aggregation": "mean", "threshold": 0.5}  # type: ignore[assignment]
+        self.tta = bool(self.card.get("tta", False))
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -69,6 +77,8 @@ class Bundle:
             "threshold": self.threshold,
             "operating_points": calibration.get("operating_points", {"default": 0.5}),
             "temperature": self.temperature,
+            "calibration": calibration.get("reason", "temperature scaling fitted on validation" if self.temperature != 1.0 else "none"),
+            "study_rule": self.study_rule,
             "training_data": self.card.get("training_data", {}),
             "intended_use": DISCLAIMER,
         }
@@ -76,6 +86,10 @@ class Bundle:
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(N, 1, S, S) float32 in [0, 1] -> (probabilities (N, C), feature maps (N, C', h, w), gate statistics (N, D))."""
         logits, features, gate_features = self.session.run(None, {"images": batch})
+        if self.tta:  # the model card says probabilities are averaged with the left-right mirror's (as evaluated)
+            mirrored = self.session.run(["logits"], {"images": np.ascontiguousarray(batch[..., ::-1])})[0]
+            probs = (_softmax(logits) + _softmax(mirrored)) / 2
+            logits = np.log(np.clip(probs, 1e-12, 1.0))
         scaled = logits / self.temperature
         scaled -= scaled.max(axis=1, keepdims=True)
         probs = np.exp(scaled)
@@ -95,9 +109,16 @@ class Bundle:
 
     def gate(self, gate_features: np.ndarray) -> np.ndarray:
         """Mahalanobis distance of each image's intermediate feature statistics from the training images'."""
-        ref = self.gate_reference
-        z = (np.asarray(gate_features, np.float64) - ref["center"]) @ ref["projection"].T - ref["location"]
-        return np.sqrt(np.maximum(np.einsum("nd,de,ne->n", z, ref["precision"], z), 0.0))
+        return gate_distance(self.gate_reference, gate_features)
+
+    def study(self, results: list[SliceResult]) -> tuple[str, float, int]:
+        """(label, probability, slices used) of slices taken as one study: the model card's rule over accepted slices."""
+        kept = [r.probabilities[self.classes[-1]] for r in results if r.in_distribution]
+        if not kept:
+            return "refused", float("nan"), 0
+        probability = aggregate_scores(kept, self.study_rule)
+        label = self.classes[-1] if probability >= float(self.study_rule.get("threshold", 0.5)) else self.classes[0]  # type: ignore[arg-type]
+        return label, probability, len(kept)
 
     def prepare(self, pixels: np.ndarray) -> np.ndarray:
         """Gray float image in [0, 1] of any size -> the model's uint8 input (size x size), as in training."""
