@@ -173,6 +173,9 @@ def test_run_records_the_deployed_decision_and_evaluates_with_the_gate(tiny_run:
     assert int(predictions["accepted"].sum()) == gate["accepted"]
     assert (predictions["accepted"] == (predictions["gate_distance"] <= card["gate"]["threshold"])).all()
     assert result["ci"]["specificity"]["low"] < result["ci"]["specificity"]["high"] or math.isnan(result["ci"]["specificity"]["low"])
+    for point in result["operating_points"].values():  # operating points carry intervals and PPV/NPV at the stated prevalence
+        assert {"sensitivity", "specificity"} <= set(point["ci"]) and {"ppv", "npv"} <= set(point["at_stated_prevalence"])
+    assert result["prevalence"]["stated"] == 0.1 and "ppv" in result["prevalence"]["at_stated"]
 
 
 def test_predict_and_the_bundle_refuse_and_aggregate_as_the_report_does(tiny_run: Path, tiny_bundle: Path, tmp_path: Path) -> None:
@@ -227,11 +230,14 @@ def test_external_copies_of_training_images_are_reported_as_overlap(tiny_run: Pa
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     frame = load_manifest(run / "manifest.csv")
-    copies = frame[frame["split"] == "train"].head(6).drop(columns=["split", "group"], errors="ignore").assign(source="copied")
+    copies = frame[frame["split"] == "train"].head(6).drop(columns=["split", "group"], errors="ignore")
+    copies = copies.assign(source="copied", reference_standard=["RT-PCR"] * 4 + [""] * 2)
     save_manifest(copies, tmp_path / "copied.csv")
     out = _cli("evaluate", str(run), str(tmp_path / "copied.csv"), "--quiet")
     assert out.returncode == 0, out.stderr
-    overlap = json.loads((run / "metrics.json").read_text())["evaluation"]["sets"]["copied"]["training_duplicates"]
+    result = json.loads((run / "metrics.json").read_text())["evaluation"]["sets"]["copied"]
+    assert result["reference_standard"] == {"RT-PCR": 4, "unknown": 2}
+    overlap = result["training_duplicates"]
     assert overlap["near_duplicates"] == 6 and overlap["test_images"] == 6
     assert "Overlap with the training data" in (run / "report.html").read_text()
 
