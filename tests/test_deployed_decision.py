@@ -223,6 +223,19 @@ def test_evaluate_overrides_refit_the_decision_on_validation_and_update_the_mode
                  "--set", "evaluate.tta=true", "--quiet")
     assert again.returncode == 0 and "model.json updated" not in again.stdout  # same settings: nothing refitted
 
+    from covidscan.data.io import read_image
+    from covidscan.export.onnx import export_run
+    from covidscan.predict import Predictor
+    from covidscan.serve.predictor import Bundle
+
+    export_run(run, run / "bundle")  # the served model mirror-averages too, as it was evaluated
+    paths = pd.read_csv(run / "predictions" / "in-domain-test.csv")["path"].tolist()[:3]
+    served = Bundle(run / "bundle").analyse([read_image(p).pixels for p in paths], heatmaps=False)
+    evaluated = Predictor(run).probabilities(paths)
+    plain = Predictor(tiny_run).probabilities(paths)
+    assert [r.probabilities["COVID"] for r in served] == pytest.approx(evaluated[:, 1].tolist(), abs=1e-4)
+    assert not np.allclose(evaluated[:, 1], plain[:, 1], atol=1e-4)
+
 
 def test_external_copies_of_training_images_are_reported_as_overlap(tiny_run: Path, tmp_path: Path) -> None:
     from covidscan.data.manifest import load_manifest, save_manifest
