@@ -47,11 +47,15 @@ def load_images(size: int, n: int, data: Path) -> np.ndarray:
     return load_image_array(image_refs(frame), size, show=False)
 
 
-def timed(step, steps: int, device: torch.device) -> float:  # type: ignore[no-untyped-def]
+def timed(step, steps: int, device: torch.device, warm_up: list[float] | None = None) -> float:  # type: ignore[no-untyped-def]
+    """Seconds for `steps` steps after 3 warm-up steps (whose seconds go to `warm_up`, e.g. torch.compile's cost)."""
+    started = time.perf_counter()
     for _ in range(3):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
+    if warm_up is not None:
+        warm_up.append(time.perf_counter() - started)
     started = time.perf_counter()
     for _ in range(steps):
         step()
@@ -60,12 +64,16 @@ def timed(step, steps: int, device: torch.device) -> float:  # type: ignore[no-u
     return time.perf_counter() - started
 
 
-def measure(name: str, images_np: np.ndarray, batch: int, steps: int, dtype: str, channels_last: bool, device: torch.device) -> dict[str, object]:
+def measure(
+    name: str, images_np: np.ndarray, batch: int, steps: int, dtype: str, channels_last: bool, device: torch.device,
+    compiled: bool = False,
+) -> dict[str, object]:
     spec = get_backbone(name)
     model = CovidClassifier(name, 2, 1, weights="none").to(device)
     memory = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory)
     optimizer = torch.optim.Adam(model.parameters(), 1e-4)
+    forward = torch.compile(model) if compiled else model
     normaliser = Normaliser.for_backbone(spec)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
     images = torch.from_numpy(images_np).to(device)
@@ -76,7 +84,7 @@ def measure(name: str, images_np: np.ndarray, batch: int, steps: int, dtype: str
 
     def train_step(x: torch.Tensor, y: torch.Tensor) -> None:
         with autocast:
-            loss = F.cross_entropy(model(x).float(), y)
+            loss = F.cross_entropy(forward(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -91,13 +99,15 @@ def measure(name: str, images_np: np.ndarray, batch: int, steps: int, dtype: str
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model_seconds = timed(model_only, steps, device)
+    warm_up: list[float] = []
+    model_seconds = timed(model_only, steps, device, warm_up)
     full_seconds = timed(full_step, steps, device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return {
         "backbone": name, "px": images.shape[-1], "dtype": dtype, "channels_last": channels_last,
         "model-only img/s": round(batch * steps / model_seconds, 1), "full step img/s": round(batch * steps / full_seconds, 1),
         "full/model": f"{model_seconds / full_seconds:.0%}", "peak GiB": round(peak, 2),
+        "compiled": compiled, "warm-up s": round(warm_up[0], 1),
     }
 
 

@@ -176,6 +176,8 @@ def test_run_records_the_deployed_decision_and_evaluates_with_the_gate(tiny_run:
     for point in result["operating_points"].values():  # operating points carry intervals and PPV/NPV at the stated prevalence
         assert {"sensitivity", "specificity"} <= set(point["ci"]) and {"ppv", "npv"} <= set(point["at_stated_prevalence"])
     assert result["prevalence"]["stated"] == 0.1 and "ppv" in result["prevalence"]["at_stated"]
+    seconds = metrics["evaluation"]["seconds"]  # the evaluation profile: where the minutes go
+    assert {"loading images", "model and gate", "heat maps and lung masks", "t-SNE"} <= set(seconds) and all(v >= 0 for v in seconds.values())
 
 
 def test_predict_and_the_bundle_refuse_and_aggregate_as_the_report_does(tiny_run: Path, tiny_bundle: Path, tmp_path: Path) -> None:

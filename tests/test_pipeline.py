@@ -27,6 +27,7 @@ def test_run_folder_has_everything(tiny_run: Path) -> None:
     assert test["tp"] + test["fn"] + test["tn"] + test["fp"] == test["n"] == metrics["split"]["counts"]["test"]
     assert 0.0 <= test["auc"] <= 1.0
     assert "not a diagnosis" in metrics["decision_support"]
+    assert metrics["training"]["memory_format"] == "channels_last" and metrics["training"]["threads"] >= 1  # recorded in the run
     page = (tiny_run / "report.html").read_text()
     assert "Confusion matrix" in page and "not a diagnosis" in page
 

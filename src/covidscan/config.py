@@ -61,6 +61,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = True
     threads: int = 0  # 0: torch's default
+    channels_last: bool = True  # NHWC memory layout: faster on CPU and GPU (bench/train_cpu.py)
 
 
 @dataclass

@@ -10,8 +10,10 @@ from the validation part of the training data set.
 from __future__ import annotations
 
 import math
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -299,6 +301,21 @@ def patient_free(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[[c for c in ("label", "source", "split") if c in frame.columns]]
 
 
+class PhaseTimer:
+    """Wall seconds per evaluation phase, summed over sets (metrics.json "seconds": where the minutes go)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = round(self.seconds.get(phase, 0.0) + time.perf_counter() - started, 2)
+
+
 def fit_run_gate(predictor: object, train_images: np.ndarray, val_images: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, object]]:
     """The input gate of a run: training images' statistics, threshold from validation images (uint8 (N, 1, S, S))."""
     from covidscan.gate import GATE_ARRAYS, GATE_METHOD, GATE_QUANTILE, gate_reference
@@ -363,8 +380,10 @@ def training_duplicates(run_dir: Path, frame: pd.DataFrame, name: str, part: pd.
     from covidscan.data.split import leakage_report, leakage_threshold
     from covidscan.models.embed import manifest_embeddings
 
-    trained = frame[frame["split"].isin(["train", "val"])].reset_index(drop=True)
-    seen = manifest_embeddings(trained, run_dir / "external" / "training-embeddings.npz", show=show)
+    in_training = frame["split"].isin(["train", "val"]).to_numpy()
+    trained = frame[in_training].reset_index(drop=True)
+    # The split already embedded the whole manifest (run_dir/embeddings.npz): reuse it, do not embed the images again.
+    seen = manifest_embeddings(frame, run_dir / "embeddings.npz", show=show)[in_training]
     held = manifest_embeddings(part, run_dir / "external" / f"{slug(name)}.embeddings.npz", show=show)
     threshold = leakage_threshold(trained, seen)
     report = leakage_report(np.concatenate([held, seen]), np.arange(len(held)), np.arange(len(held), len(held) + len(seen)), threshold)
@@ -400,7 +419,9 @@ def evaluate_run(
     cfg = cfg or config.evaluate
     seed = config.split.seed
     frame = load_manifest(run_dir / "manifest.csv")
-    predictor = ensure_decision(run_dir, frame, cfg, show, log)
+    timer = PhaseTimer()
+    with timer("decision and gate (refitted only when missing or changed)"):
+        predictor = ensure_decision(run_dir, frame, cfg, show, log)
     classes, card = predictor.classes, predictor.card  # type: ignore[attr-defined]
     for name, external in (externals or {}).items():
         unknown = sorted(set(external["label"].astype(str)) - set(classes))
@@ -421,15 +442,19 @@ def evaluate_run(
     train_rows = frame[frame["split"] == "train"]
     train_rows = train_rows.iloc[np.sort(rng.choice(len(train_rows), min(cfg.tsne_points, len(train_rows)), replace=False))]
     for name, part in [("training part", train_rows)] + list(sets.items()):
-        images = load_image_array(image_refs(part), predictor.size, f"loading {name}", show)  # type: ignore[attr-defined]
+        with timer("loading images"):
+            images = load_image_array(image_refs(part), predictor.size, f"loading {name}", show)  # type: ignore[attr-defined]
         if name != "training part":
-            raw, gate_stats = predictor.score(images)  # type: ignore[attr-defined]
+            with timer("model and gate"):
+                raw, gate_stats = predictor.score(images)  # type: ignore[attr-defined]
             distances = predictor.gate_distances(gate_stats)  # type: ignore[attr-defined]
-            result = score_set(part, raw, distances, classes, card, predictor.gate_threshold, cfg, seed)  # type: ignore[attr-defined]
+            with timer("metrics and intervals (bootstrap included)"):
+                result = score_set(part, raw, distances, classes, card, predictor.gate_threshold, cfg, seed)  # type: ignore[attr-defined]
             if len(classes) == 2:
                 y = np.array([str(v) == classes[1] for v in part["label"]])
                 score = predictor.calibrated(raw)[:, 1]  # type: ignore[attr-defined]
-                result["explain"] = explain_set(model, normaliser, images, y, score, part, cfg, run_dir / "heatmaps" / slug(name), seed)
+                with timer("heat maps and lung masks"):
+                    result["explain"] = explain_set(model, normaliser, images, y, score, part, cfg, run_dir / "heatmaps" / slug(name), seed)
                 columns = [c for c in ("path", "slice_index", "label", "patient_id", "group") if c in part.columns]
                 predictions = part[columns].copy()
                 predictions["p_" + classes[1]] = score
@@ -441,16 +466,20 @@ def evaluate_run(
             result["kind"] = "in-domain" if name == IN_DOMAIN else "external"
             result["sources"] = sorted(part["source"].astype(str).unique()) if "source" in part.columns else []
             if name != IN_DOMAIN:
-                result["training_duplicates"] = training_duplicates(run_dir, frame, name, part, show)
+                with timer("overlap with training images (embeddings reused)"):
+                    result["training_duplicates"] = training_duplicates(run_dir, frame, name, part, show)
             if "reference_standard" in part.columns:
                 result["reference_standard"] = {str(k or "unknown"): int(v) for k, v in part["reference_standard"].astype(str).value_counts().items()}
             evaluation["sets"][name] = result  # type: ignore[index]
             log(f"evaluated {name}: {len(part)} images")
         keep = np.sort(rng.choice(len(part), min(cfg.tsne_points, len(part)), replace=False))
-        embeddings.append(embed_array(model, images[keep], normaliser, show=False))
+        with timer("t-SNE"):
+            embeddings.append(embed_array(model, images[keep], normaliser, show=False))
         tsne_rows.append(patient_free(part.iloc[keep]).assign(set=name))
     table = pd.concat(tsne_rows, ignore_index=True)
-    evaluation["tsne"] = tsne_summary(np.concatenate(embeddings), table, seed, run_dir / "tsne.csv")
+    with timer("t-SNE"):
+        evaluation["tsne"] = tsne_summary(np.concatenate(embeddings), table, seed, run_dir / "tsne.csv")
+    evaluation["seconds"] = timer.seconds
     in_domain = evaluation["sets"][IN_DOMAIN]  # type: ignore[index]
     metrics["test"] = {**in_domain["metrics"], "n": in_domain["n"]}
     metrics["test_ci"] = in_domain.get("ci", {})

@@ -47,6 +47,10 @@ class TensorData:
         return TensorData(self.images.to(device), self.labels.to(device))
 
 
+def _memory_format(cfg: TrainConfig) -> torch.memory_format:
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+
 def _autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -127,7 +131,7 @@ def _train_one_epoch(
         batch = to_float(data.images[index])
         if cfg.augment:
             batch = augment(batch, generator, aug_cfg)
-        batch = normaliser(batch)[ctx.rank :: ctx.world]
+        batch = normaliser(batch)[ctx.rank :: ctx.world].contiguous(memory_format=_memory_format(cfg))
         target = data.labels[index][ctx.rank :: ctx.world]
         with _autocast(device):
             if model.frozen_backbone:
@@ -176,6 +180,7 @@ def fit(
     """
     run_dir = Path(run_dir)
     num_classes = model.head.out_features
+    model.to(memory_format=_memory_format(cfg))  # before the optimizer: it holds the parameters themselves
     optimizer = _make_optimizer(model, cfg, transfer)
     loss_weight = _class_weights(train.labels, num_classes) if cfg.class_balanced else None
     state: dict[str, object] = {"epoch": -1, "best_loss": math.inf, "best_epoch": -1, "bad_epochs": 0, "history": [], "finished": False}
@@ -228,4 +233,5 @@ def fit(
     return {
         "best_epoch": state["best_epoch"], "best_val_loss": state["best_loss"], "epochs_run": len(history),
         "world_size": ctx.world, "ranks_agree": ranks_agree(ctx, model), "history": history,
+        "memory_format": "channels_last" if cfg.channels_last else "contiguous", "threads": torch.get_num_threads(),
     }
