@@ -82,11 +82,56 @@ def wrk_run(url: str, body_file: Path, boundary: str, concurrency: int, seconds:
             "errors": values["NON2XX"] + values["SOCKERR"], "requests": values["REQS"]}
 
 
+def http_table(bundle_dir: Path, upload: bytes, filename: str, duration: int, work: Path) -> list[dict[str, object]]:
+    """POST /api/v1/predict through a real server under wrk at concurrency 1, 4, 16, with and without heat maps."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "covidscan.serve", str(bundle_dir), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import urllib.request
+
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.2)
+        boundary = "covidscanbench"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{filename}\"\r\n"
+                "Content-Type: application/octet-stream\r\n\r\n").encode() + upload + f"\r\n--{boundary}--\r\n".encode()
+        body_file = work / "body.bin"
+        body_file.write_bytes(body)
+        rows: list[dict[str, object]] = []
+        for heatmap in (False, True):
+            for concurrency in (1, 4, 16):
+                url = f"http://127.0.0.1:{port}/api/v1/predict?heatmap={'true' if heatmap else 'false'}"
+                r = wrk_run(url, body_file, boundary, concurrency, duration)
+                rows.append({"heat map": "yes" if heatmap else "no", "concurrency": concurrency, "p50 ms": f"{r['p50']:.1f}",
+                             "p99 ms": f"{r['p99']:.1f}", "requests/s": f"{r['rps']:.1f}", "requests": int(r["requests"]), "errors": int(r["errors"])})
+        status = Path(f"/proc/{server.pid}/status").read_text()
+        rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
+        peak = int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
+        print(f"Server process memory after the load: RSS {rss:.0f} MB, peak {peak:.0f} MB (torch not imported).")
+    finally:
+        server.terminate()
+        server.wait(10)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=300)
     parser.add_argument("--duration", type=int, default=10, help="seconds of load per concurrency level")
+    parser.add_argument("--bundle", type=Path, help="serve this exported bundle (HTTP rows only) instead of a 224 px synthetic one")
+    parser.add_argument("--image", type=Path, help="with --bundle: the image each request uploads")
     args = parser.parse_args()
+    if args.bundle is not None:
+        if args.image is None:
+            parser.error("--bundle needs --image")
+        print(markdown_table(http_table(args.bundle, args.image.read_bytes(), args.image.name, args.duration, Path(tempfile.mkdtemp()))))
+        return
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     work = Path(tempfile.mkdtemp(prefix="covidscan-bench-"))
@@ -122,41 +167,10 @@ def main() -> None:
         print(f"\n### Predictor latency: efficientnet_lite0, {SIZE} px, batch 1, {threads} CPU threads, torch {torch.__version__}, onnxruntime {ort.__version__}\n")
         print(markdown_table([{"path": r[0], "p50 ms": f"{r[1]:.2f}", "p99 ms": f"{r[2]:.2f}"} for r in rows]))
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = subprocess.Popen([sys.executable, "-m", "covidscan.serve", str(bundle_dir), "--port", str(port)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            import urllib.request
-
-            for _ in range(100):
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/health", timeout=2)
-                    break
-                except OSError:
-                    time.sleep(0.2)
-            boundary = "covidscanbench"
-            png = files[0].read_bytes()
-            body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"slice.png\"\r\n"
-                    "Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{boundary}--\r\n".encode()
-            body_file = work / "body.bin"
-            body_file.write_bytes(body)
-            http_rows = []
-            for heatmap in (False, True):
-                for concurrency in (1, 4, 16):
-                    url = f"http://127.0.0.1:{port}/api/v1/predict?heatmap={'true' if heatmap else 'false'}"
-                    r = wrk_run(url, body_file, boundary, concurrency, args.duration)
-                    http_rows.append(["yes" if heatmap else "no", concurrency, f"{r['p50']:.1f}", f"{r['p99']:.1f}", f"{r['rps']:.1f}", int(r["requests"]), int(r["errors"])])
-            status = Path(f"/proc/{server.pid}/status").read_text()
-            rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
-            peak = int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
-        finally:
-            server.terminate()
-            server.wait(10)
+        png = files[0].read_bytes()
+        http_rows = http_table(bundle_dir, png, "slice.png", args.duration, work)
         print(f"\n### HTTP POST /api/v1/predict: uvicorn (1 worker) on loopback, wrk 1 thread, {args.duration} s per row, one {len(png) // 1024} kB PNG per request; load generator on the same {threads} cores\n")
-        print(markdown_table([dict(zip(["heat map", "concurrency", "p50 ms", "p99 ms", "requests/s", "requests", "errors"], r)) for r in http_rows]))
-        print(f"\nServer process memory after the load: RSS {rss:.0f} MB, peak {peak:.0f} MB (torch not imported).")
+        print(markdown_table(http_rows))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -316,3 +316,27 @@ def test_model_card_limitations_follow_the_sources() -> None:
     synthetic = card({"phantom": {"description": "synthetic chest-CT-like images", "uncertain": False}}, [])
     assert "uncertain provenance" not in synthetic and "synthetic images: a demonstration" in synthetic
     assert "No external data set evaluated yet" in synthetic
+
+
+def test_export_cli_reports_the_run_gate_parity(tiny_run: Path, tmp_path: Path) -> None:
+    out = _cli("export", str(tiny_run), "--out", str(tmp_path / "bundle"))
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr and "gate: max |Δdistance|" in out.stdout
+    card = json.loads((tmp_path / "bundle" / "model.json").read_text())
+    assert card["gate"]["threshold"] == pytest.approx(json.loads((tiny_run / "model.json").read_text())["gate"]["threshold"])
+    assert card["parity"]["gate"]["max_abs_distance_diff"] < 1e-2
+
+
+def test_quick_evaluation_keeps_every_metric_with_its_interval(tiny_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "tsne.csv").unlink()
+    out = _cli("evaluate", str(run), "--quick", "--quiet")
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    full = json.loads((tiny_run / "metrics.json").read_text())
+    quick_set, full_set = metrics["evaluation"]["sets"]["in-domain test"], full["evaluation"]["sets"]["in-domain test"]
+    assert json.dumps(quick_set["metrics"]) == json.dumps(full_set["metrics"]) and set(quick_set["ci"]) == set(full_set["ci"])
+    assert json.dumps(quick_set["ci"]["auc"]) == json.dumps(full_set["ci"]["auc"])  # analytic intervals do not depend on the bootstrap
+    assert "explain" not in quick_set and metrics["evaluation"]["tsne"]["points"] == 0 and not (run / "tsne.csv").exists()
+    assert "t-SNE" not in metrics["evaluation"]["seconds"] and "Not computed" in (run / "report.html").read_text()

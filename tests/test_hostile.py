@@ -244,3 +244,25 @@ def test_a_volume_is_read_once_for_all_its_slices(tmp_path: Path, monkeypatch: p
     cio._cached_volume.cache_clear()
     slices = [cio.read_image(path, i).pixels for i in range(12)]
     assert len(reads) == 1 and len(slices) == 12 and all(np.isfinite(s).all() for s in slices)
+
+
+def test_the_stated_number_of_connections_is_served_and_one_more_is_refused(live: int) -> None:
+    """--max-connections 16 (default) means 16 clients are served; uvicorn's own limit refuses at N, not N + 1."""
+    connections = [http.client.HTTPConnection("127.0.0.1", live, timeout=30) for _ in range(16)]
+    try:
+        for connection in connections:
+            connection.connect()
+        statuses = []
+        for connection in connections:  # all 16 open at once, keep-alive
+            connection.request("GET", "/api/v1/health")
+            response = connection.getresponse()
+            response.read()
+            statuses.append(response.status)
+        assert statuses == [200] * 16
+        extra = http.client.HTTPConnection("127.0.0.1", live, timeout=30)
+        extra.request("GET", "/api/v1/health")
+        assert extra.getresponse().status == 503
+        extra.close()
+    finally:
+        for connection in connections:
+            connection.close()

@@ -158,9 +158,12 @@ def train_command(
     resume: Annotated[Optional[Path], typer.Option(help="Resume the run in this folder from its last checkpoint.")] = None,
     external: Annotated[Optional[list[Path]], typer.Option(help="Also evaluate on this manifest of another data set (repeatable).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Quick evaluation: every metric with its CI, no heat maps or t-SNE, 200 bootstrap resamples.")] = False,
 ) -> None:
     """Fine-tune a pretrained backbone; evaluate on the held-out test patients and any --external data sets."""
-    from covidscan.config import load_config
+    from covidscan.config import QUICK_EVALUATION, load_config
+
+    set_ = (QUICK_EVALUATION if quick else []) + list(set_ or [])
     from covidscan.data.manifest import load_manifest
     from covidscan.pipeline import train_run
 
@@ -207,17 +210,18 @@ def evaluate_command(
     manifests: Annotated[Optional[list[Path]], typer.Argument(help="Manifests of external data sets (named after the file).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override evaluation settings, e.g. --set evaluate.cam_method=gradcam++.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Every metric with its CI, but no heat maps or t-SNE and 200 bootstrap resamples.")] = False,
 ) -> None:
     """Evaluate a trained model on its own test patients and on other data sets; rewrite its report.
 
     Every external set is stored in RUN/external/ and re-evaluated each time, so the report shows them all.
     """
-    from covidscan.config import load_config
+    from covidscan.config import QUICK_EVALUATION, load_config
     from covidscan.evaluate.evaluation import evaluate_run
 
     if not (run / "config.yaml").is_file() or not (run / "metrics.json").is_file():
         raise CovidscanError(f"{run}: not a finished run folder (no config.yaml or metrics.json)")
-    cfg = load_config(run / "config.yaml", set_).evaluate
+    cfg = load_config(run / "config.yaml", (QUICK_EVALUATION if quick else []) + list(set_ or [])).evaluate
     metrics = evaluate_run(run, _external_manifests(manifests or []), cfg, not quiet, _log)  # type: ignore[arg-type]
     _print_summary(metrics, run)
     console.print(DISCLAIMER, style="italic", markup=False)
@@ -375,7 +379,10 @@ def export_command(
              f"max |Δp| {check['max_abs_probability_diff']:.3f}" + (f", AUC {check['auc_fp32']:.3f} -> {check['auc_int8']:.3f}" if "auc_int8" in check else ""))
     parity = card["parity"]
     assert isinstance(parity, dict)
-    shown = "; ".join(f"{k}: max |Δp| {v['max_abs_probability_diff']:.1e}, max |Δlogit| {v['max_abs_logit_diff']:.1e} on {v['images']} images" for k, v in parity.items())
+    shown = "; ".join(f"{k}: max |Δp| {v['max_abs_probability_diff']:.1e}, max |Δlogit| {v['max_abs_logit_diff']:.1e} on {v['images']} images"
+                      for k, v in parity.items() if "max_abs_probability_diff" in v)
+    if "gate" in parity:
+        shown += f"; gate: max |Δdistance| {parity['gate']['max_abs_distance_diff']:.1e} on {parity['gate']['images']} images"
     _log(f"wrote {bundle}/model.onnx, model.json, gate.npz (parity with PyTorch: {shown})")
     _log(f"serve it:  covidscan serve {bundle}")
 

@@ -86,6 +86,10 @@ class EvaluateConfig:
     tta: bool = False  # test-time augmentation: average with the left-right mirror
 
 
+# A quick evaluation for experiments: every metric with its CI, but no heat maps, no t-SNE, fewer bootstrap resamples.
+QUICK_EVALUATION = ["evaluate.gallery_per_cell=0", "evaluate.plausibility_images=0", "evaluate.tsne_points=0", "evaluate.bootstrap=200"]
+
+
 @dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)

@@ -453,8 +453,9 @@ def evaluate_run(
             if len(classes) == 2:
                 y = np.array([str(v) == classes[1] for v in part["label"]])
                 score = predictor.calibrated(raw)[:, 1]  # type: ignore[attr-defined]
-                with timer("heat maps and lung masks"):
-                    result["explain"] = explain_set(model, normaliser, images, y, score, part, cfg, run_dir / "heatmaps" / slug(name), seed)
+                if cfg.gallery_per_cell or cfg.plausibility_images:  # both 0 in a quick evaluation
+                    with timer("heat maps and lung masks"):
+                        result["explain"] = explain_set(model, normaliser, images, y, score, part, cfg, run_dir / "heatmaps" / slug(name), seed)
                 columns = [c for c in ("path", "slice_index", "label", "patient_id", "group") if c in part.columns]
                 predictions = part[columns].copy()
                 predictions["p_" + classes[1]] = score
@@ -472,13 +473,17 @@ def evaluate_run(
                 result["reference_standard"] = {str(k or "unknown"): int(v) for k, v in part["reference_standard"].astype(str).value_counts().items()}
             evaluation["sets"][name] = result  # type: ignore[index]
             log(f"evaluated {name}: {len(part)} images")
-        keep = np.sort(rng.choice(len(part), min(cfg.tsne_points, len(part)), replace=False))
+        if cfg.tsne_points:
+            keep = np.sort(rng.choice(len(part), min(cfg.tsne_points, len(part)), replace=False))
+            with timer("t-SNE"):
+                embeddings.append(embed_array(model, images[keep], normaliser, show=False))
+            tsne_rows.append(patient_free(part.iloc[keep]).assign(set=name))
+    if tsne_rows:
+        table = pd.concat(tsne_rows, ignore_index=True)
         with timer("t-SNE"):
-            embeddings.append(embed_array(model, images[keep], normaliser, show=False))
-        tsne_rows.append(patient_free(part.iloc[keep]).assign(set=name))
-    table = pd.concat(tsne_rows, ignore_index=True)
-    with timer("t-SNE"):
-        evaluation["tsne"] = tsne_summary(np.concatenate(embeddings), table, seed, run_dir / "tsne.csv")
+            evaluation["tsne"] = tsne_summary(np.concatenate(embeddings), table, seed, run_dir / "tsne.csv")
+    else:
+        evaluation["tsne"] = {"points": 0, "note": "not computed (evaluate.tsne_points=0)"}
     evaluation["seconds"] = timer.seconds
     in_domain = evaluation["sets"][IN_DOMAIN]  # type: ignore[index]
     metrics["test"] = {**in_domain["metrics"], "n": in_domain["n"]}
