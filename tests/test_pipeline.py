@@ -164,3 +164,27 @@ def test_three_classes_train_evaluate_and_report(tiny_phantom: Path, tmp_path: P
     assert 0.0 <= result["macro_f1"] <= 1.0 and result["n"] + gate["refused"] == metrics["split"]["counts"]["test"]
     page = (tmp_path / "run" / "report.html").read_text()
     assert "macro F1" in page and "pneumonia" in page
+
+
+def test_channels_last_default_keeps_the_split_and_the_metrics_within_noise(tiny_phantom: Path, tiny_run: Path, tmp_path: Path) -> None:
+    """The faster layout changes summation order only: same manifest and split, metrics within noise."""
+    nchw = train_run(index_folder(tiny_phantom), load_config(None, TINY + ["train.channels_last=false"]), tmp_path,
+                     show_progress=False, log=lambda m: None)
+    assert (tmp_path / "manifest.csv").read_text() == (tiny_run / "manifest.csv").read_text()
+    first = json.loads((tiny_run / "metrics.json").read_text())
+    assert first["training"]["memory_format"] == "channels_last" and nchw["training"]["memory_format"] == "contiguous"
+    a = json.loads((tiny_run / "metrics.json").read_text())["evaluation"]["sets"]["in-domain test"]["all_images"]["metrics"]
+    b = nchw["evaluation"]["sets"]["in-domain test"]["all_images"]["metrics"]
+    assert abs(a["auc"] - b["auc"]) <= 0.1 and abs(a["accuracy"] - b["accuracy"]) <= 0.15
+    # the first epoch's training loss agrees to 1e-3: the layouts compute the same function
+    loss_a = json.loads((tiny_run / "history.jsonl").read_text().splitlines()[0])["train_loss"]
+    loss_b = json.loads((tmp_path / "history.jsonl").read_text().splitlines()[0])["train_loss"]
+    assert loss_a == pytest.approx(loss_b, rel=1e-3)
+    assert first["training"]["training_precision"] == "fp32"
+
+
+def test_cpu_bf16_training_is_opt_in_and_recorded(tiny_phantom: Path, tmp_path: Path) -> None:
+    config = load_config(None, TINY + ["train.cpu_bf16=true", "train.epochs=1"])
+    metrics = train_run(index_folder(tiny_phantom), config, tmp_path, show_progress=False, log=lambda m: None)
+    assert metrics["training"]["training_precision"] == "bf16 autocast"
+    assert math.isfinite(json.loads((tmp_path / "history.jsonl").read_text().splitlines()[0])["train_loss"])
