@@ -130,8 +130,8 @@ def test_dicom_series_gives_slices_and_a_study_without_patient_fields(client: Te
     card = json.loads((tiny_run / "model.json").read_text())  # the rule the report evaluated, not a fixed top-3 mean
     assert body["study"]["rule"] == rule_name(card["study_rule"]) and body["study"]["threshold"] == pytest.approx(card["study_rule"]["threshold"])
     kept = [s["probabilities"]["COVID"] for r in body["results"] for s in r["slices"] if s["in_distribution"]]
-    if kept:
-        assert body["study"]["probability"] == pytest.approx(aggregate_scores(kept, card["study_rule"]), abs=1e-6)
+    assert kept, "the gate refused every slice: the study rule was not exercised"
+    assert body["study"]["probability"] == pytest.approx(aggregate_scores(kept, card["study_rule"]), abs=1e-6)
     text = response.text
     assert FAKE_PATIENT_ID not in text and "19700101" not in text and "Jane" not in text.replace(f"{FAKE_PATIENT_NAME}-", "")
 

@@ -264,7 +264,9 @@ def _study_rule_of(run: Path) -> dict[str, object]:
 
     card = read_json_object(run / "model.json") if (run / "model.json").is_file() else {}
     rule = card.get("study_rule")
-    return rule if isinstance(rule, dict) else {"aggregation": "mean", "threshold": 0.5}
+    from covidscan.decision import DEFAULT_STUDY_RULE
+
+    return rule if isinstance(rule, dict) else DEFAULT_STUDY_RULE
 
 
 @app.command("cv")

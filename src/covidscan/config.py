@@ -62,8 +62,8 @@ class TrainConfig:
     deterministic: bool = True
     threads: int = 0  # 0: torch's default
     channels_last: bool = True  # NHWC memory layout: faster on CPU and GPU (bench/train_cpu.py)
-    # bf16 autocast of the CPU training step: 1.6-2.9x faster for vgg16, resnet50, densenet201 and inception_v3
-    # with channels-last, slower for EfficientNet-Lite (bench/train_cpu.py); off until checked on real data.
+    # bf16 autocast of the CPU training step: with channels-last 1.5-2.0x faster than fp32 for vgg16, resnet50,
+    # densenet201 and inception_v3, slower for EfficientNet-Lite (bench/train_cpu.py); off until checked on real data.
     cpu_bf16: bool = False
 
 

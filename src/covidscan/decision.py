@@ -14,11 +14,15 @@ from collections.abc import Sequence
 import numpy as np
 
 AGGREGATIONS = ("mean", "max", "topk")
+DEFAULT_STUDY_RULE: dict[str, object] = {"aggregation": "mean", "threshold": 0.5}  # runs without a chosen rule
+REFUSED = "refused"  # the label of an image (or a study) the input gate refuses
 DECISION_SETTINGS = ("calibrate", "target_sensitivity", "target_specificity", "aggregate", "top_k", "tta")
 
 
 def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """Softmax(log p / T): temperature scaling of probabilities (N, C)."""
+    """Softmax(log p / T): temperature scaling of probabilities (N, C); T = 1 leaves them as they are."""
+    if temperature == 1.0:
+        return np.asarray(probs, np.float32)
     logits = np.log(np.clip(np.asarray(probs, np.float64), 1e-12, 1.0)) / temperature
     logits -= logits.max(axis=1, keepdims=True)
     scaled = np.exp(logits)
@@ -73,6 +77,15 @@ def aggregate_scores(scores: Sequence[float] | np.ndarray, rule: dict[str, objec
     if method == "topk":
         return float(values[: max(1, int(rule.get("k", 3)))].mean())  # type: ignore[call-overload]
     return float(values.mean())
+
+
+def study_answer(accepted: Sequence[float], classes: list[str], rule: dict[str, object]) -> tuple[str, float, int]:
+    """(label, probability, slices used) of a study from its accepted slices' P(positive); REFUSED when none was accepted."""
+    if not len(accepted):
+        return REFUSED, math.nan, 0
+    probability = aggregate_scores(accepted, rule)
+    label = classes[-1] if probability >= float(rule.get("threshold", 0.5)) else classes[0]  # type: ignore[arg-type]
+    return label, probability, len(accepted)
 
 
 def rule_name(rule: dict[str, object]) -> str:

@@ -183,18 +183,17 @@ def deployed_decision(
     run_dir: Path, frame: pd.DataFrame, parts: dict[str, TensorData], classes: list[str], config: RunConfig, log: Callable[[str], None]
 ) -> dict[str, object]:
     """Input gate, calibration, operating points and study rule of the best model, from train/validation only."""
-    from covidscan.evaluate.evaluation import GATE_IMAGES, fit_run_gate
+    from covidscan.evaluate.evaluation import fit_run_gate, gate_sample
     from covidscan.gate import save_gate
     from covidscan.predict import Predictor
 
     predictor = Predictor(run_dir)  # the best checkpoint, on the CPU, as evaluation and export load it
-    val_images = parts["val"].images.cpu().numpy()
-    train_images = parts["train"].images.cpu().numpy()
-    chosen = np.sort(np.random.default_rng(0).choice(len(train_images), min(GATE_IMAGES, len(train_images)), replace=False))
-    gate_arrays, gate_card = fit_run_gate(predictor, train_images[chosen], val_images[:GATE_IMAGES])
+    val_images, train_images = parts["val"].images.cpu().numpy(), parts["train"].images.cpu().numpy()
+    val_probs, val_stats = predictor.score(val_images, tta=config.evaluate.tta)  # one pass: probabilities and gate statistics
+    train_stats = predictor.score(train_images[gate_sample(len(train_images))], tta=False)[1]
+    gate_arrays, gate_card = fit_run_gate(train_stats, val_stats[gate_sample(len(val_stats))])
     save_gate(gate_arrays, run_dir / "gate.npz")
-    decision = fit_decision(frame[frame["split"] == "val"].reset_index(drop=True), predictor.score(val_images, tta=config.evaluate.tta)[0],
-                            classes, config.evaluate)
+    decision = fit_decision(frame[frame["split"] == "val"].reset_index(drop=True), val_probs, classes, config.evaluate)
     calibration, rule = decision["calibration"], decision["study_rule"]
     assert isinstance(calibration, dict) and isinstance(rule, dict)
     log(f"deployed decision: {calibration['reason']}; study rule {rule_name(rule)}, threshold {float(rule['threshold']):.3f} "

@@ -16,15 +16,12 @@ import torch
 from covidscan import DISCLAIMER
 from covidscan.data.io import load_resized
 from covidscan.data.transforms import Normaliser
-from covidscan.decision import aggregate_scores, apply_temperature
+from covidscan.decision import DEFAULT_STUDY_RULE, REFUSED, apply_temperature, study_answer
 from covidscan.errors import CovidscanError
 from covidscan.gate import gate_distance, load_gate
 from covidscan.model_card import read_model_card
 from covidscan.models.classifier import CovidClassifier
 from covidscan.train.checkpoint import load_checkpoint
-
-REFUSED = "refused"
-
 
 @dataclass
 class Prediction:
@@ -63,7 +60,7 @@ class Predictor:
         gate = self.card.get("gate")
         self.gate = load_gate(self.folder / "gate.npz") if isinstance(gate, dict) and (self.folder / "gate.npz").is_file() else None
         self.gate_threshold = float(gate["threshold"]) if self.gate is not None and isinstance(gate, dict) else math.inf
-        self.study_rule: dict[str, object] = self.card.get("study_rule") or {"aggregation": "mean", "threshold": 0.5}  # type: ignore[assignment]
+        self.study_rule: dict[str, object] = self.card.get("study_rule") or DEFAULT_STUDY_RULE  # type: ignore[assignment]
 
     @torch.no_grad()
     def score(self, images: np.ndarray, batch_size: int = 64, tta: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -90,7 +87,7 @@ class Predictor:
         return gate_distance(self.gate, gate_stats) if self.gate is not None else np.zeros(len(gate_stats))
 
     def calibrated(self, probs: np.ndarray) -> np.ndarray:
-        return apply_temperature(probs, self.temperature) if self.temperature != 1.0 else np.asarray(probs, np.float32)
+        return apply_temperature(probs, self.temperature)
 
     def probabilities(self, paths: list[str | Path]) -> np.ndarray:
         """Class probabilities, temperature-scaled when calibration was kept on validation data."""
@@ -116,9 +113,4 @@ class Predictor:
 
     def study(self, predictions: list[Prediction]) -> tuple[str, float, int]:
         """(label, probability, slices used) of images taken as one study, by the model card's study rule."""
-        kept = [p.probabilities[self.classes[-1]] for p in predictions if p.in_distribution]
-        if not kept:
-            return REFUSED, math.nan, 0
-        probability = aggregate_scores(kept, self.study_rule)
-        label = self.classes[-1] if probability >= float(self.study_rule.get("threshold", 0.5)) else self.classes[0]  # type: ignore[arg-type]
-        return label, probability, len(kept)
+        return study_answer([p.probabilities[self.classes[-1]] for p in predictions if p.in_distribution], self.classes, self.study_rule)

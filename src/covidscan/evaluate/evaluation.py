@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -23,11 +24,14 @@ from covidscan import DISCLAIMER, atomic
 from covidscan.atomic import read_json_object
 from covidscan.config import EvaluateConfig
 from covidscan.errors import DataError
-from covidscan.decision import DECISION_SETTINGS, apply_temperature, choose_study_rule, cross_fitted_temperature, rule_name, study_scores
+from covidscan.decision import DECISION_SETTINGS, DEFAULT_STUDY_RULE, apply_temperature, choose_study_rule, cross_fitted_temperature, rule_name, study_scores
 from covidscan.evaluate.curves import pr_points, reliability_bins, roc_points
 from covidscan.evaluate.intervals import binary_intervals, clustered_proportion, ppv_npv_at_prevalence
 from covidscan.evaluate.metrics import binary_metrics, multiclass_metrics
 from covidscan.evaluate.stats import bootstrap_ci, threshold_for
+
+if TYPE_CHECKING:
+    from covidscan.predict import Predictor
 
 IN_DOMAIN = "in-domain test"
 GALLERY_CELLS = ("TP", "FN", "FP", "TN")
@@ -48,7 +52,7 @@ def fit_decision(val_frame: pd.DataFrame, val_probs: np.ndarray, classes: list[s
     temperature = float(calibration["temperature"])  # type: ignore[arg-type]
     calibration["fitted_on"] = f"validation part ({len(labels)} images, {len(np.unique(groups))} patients or groups)"
     points: dict[str, float] = {"default": 0.5}
-    study_rule: dict[str, object] = {"aggregation": "mean", "threshold": 0.5, "chosen_on": "default"}
+    study_rule: dict[str, object] = {**DEFAULT_STUDY_RULE, "chosen_on": "default"}
     if val_probs.shape[1] == 2:
         score = apply_temperature(val_probs, temperature)[:, 1]
         positive = labels == 1
@@ -60,7 +64,7 @@ def fit_decision(val_frame: pd.DataFrame, val_probs: np.ndarray, classes: list[s
         if (patients != "").all():
             study_rule = choose_study_rule(patients, positive, score, cfg.aggregate, cfg.top_k)
         else:
-            study_rule = {"aggregation": "mean", "threshold": 0.5, "chosen_on": "default: validation images lack patient IDs"}
+            study_rule = {**DEFAULT_STUDY_RULE, "chosen_on": "default: validation images lack patient IDs"}
     calibration["operating_points"] = points
     return {
         "calibration": calibration,
@@ -142,7 +146,7 @@ def score_block(
 
 def patient_level(frame: pd.DataFrame, y: np.ndarray, score: np.ndarray, card: dict[str, object], cfg: EvaluateConfig, seed: int) -> dict[str, object]:
     """Study-level results by the model card's rule and study threshold (what the service answers per study)."""
-    rule: dict[str, object] = card.get("study_rule") or {"aggregation": "mean", "threshold": 0.5}  # type: ignore[assignment]
+    rule: dict[str, object] = card.get("study_rule") or DEFAULT_STUDY_RULE  # type: ignore[assignment]
     patients = frame["patient_id"].astype(str).to_numpy() if "patient_id" in frame.columns else np.full(len(frame), "")
     if not len(patients):
         return {"note": "not computed: no images"}
@@ -153,15 +157,12 @@ def patient_level(frame: pd.DataFrame, y: np.ndarray, score: np.ndarray, card: d
     _, labels, scores = study_scores(patients, y, score, rule)
     threshold = float(rule.get("threshold", 0.5))  # type: ignore[arg-type]
     counts = {"positive": int(labels.sum()), "negative": int((labels == 0).sum())}
+    ci = _intervals(labels, scores, None, threshold, cfg, seed)
     out: dict[str, object] = {
         "aggregation": rule_name(rule), "threshold": threshold, "patients": int(len(labels)), "class_counts": counts,
-        "metrics": binary_metrics(labels, scores, threshold),
-        "ci": _intervals(labels, scores, None, threshold, cfg, seed),
-        "at_stated_prevalence": {},
+        "metrics": binary_metrics(labels, scores, threshold), "ci": ci,
+        "at_stated_prevalence": ppv_npv_at_prevalence(ci["sensitivity"], ci["specificity"], cfg.prevalence),
     }
-    ci = out["ci"]
-    assert isinstance(ci, dict)
-    out["at_stated_prevalence"] = ppv_npv_at_prevalence(ci["sensitivity"], ci["specificity"], cfg.prevalence)
     if min(counts.values()) < FEW_PATIENTS:
         out["warning"] = (f"only {min(counts.values())} patients in the smaller class (fewer than {FEW_PATIENTS}): "
                           "the intervals are wide and the figures are those of a pilot study")
@@ -316,12 +317,10 @@ class PhaseTimer:
             self.seconds[phase] = round(self.seconds.get(phase, 0.0) + time.perf_counter() - started, 2)
 
 
-def fit_run_gate(predictor: object, train_images: np.ndarray, val_images: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, object]]:
-    """The input gate of a run: training images' statistics, threshold from validation images (uint8 (N, 1, S, S))."""
+def fit_run_gate(train_stats: np.ndarray, val_stats: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+    """The input gate of a run from gate statistics (`Predictor.score`): training reference, threshold from validation."""
     from covidscan.gate import GATE_ARRAYS, GATE_METHOD, GATE_QUANTILE, gate_reference
 
-    train_stats = predictor.score(train_images, tta=False)[1]  # type: ignore[attr-defined]
-    val_stats = predictor.score(val_images, tta=False)[1]  # type: ignore[attr-defined]
     fitted = gate_reference(train_stats, val_stats)
     card = {"method": GATE_METHOD, "threshold": fitted["threshold"], "quantile_of_validation": GATE_QUANTILE,
             "reference_images": int(len(train_stats)), "validation_images": int(len(val_stats)), "file": "gate.npz"}
@@ -331,12 +330,12 @@ def fit_run_gate(predictor: object, train_images: np.ndarray, val_images: np.nda
 GATE_IMAGES = 1024  # at most this many training (and validation) images fit the gate
 
 
-def sample_rows(frame: pd.DataFrame, split: str, limit: int, seed: int = 0) -> pd.DataFrame:
-    rows = frame[frame["split"] == split]
-    return rows.iloc[np.sort(np.random.default_rng(seed).choice(len(rows), min(limit, len(rows)), replace=False))]
+def gate_sample(count: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of at most GATE_IMAGES of `count` images: the images a run's gate is fitted on."""
+    return np.sort(np.random.default_rng(seed).choice(count, min(GATE_IMAGES, count), replace=False))
 
 
-def ensure_decision(run_dir: Path, frame: pd.DataFrame, cfg: EvaluateConfig, show: bool, log: Callable[[str], None]) -> object:
+def ensure_decision(run_dir: Path, frame: pd.DataFrame, cfg: EvaluateConfig, show: bool, log: Callable[[str], None]) -> Predictor:
     """The run's Predictor, with its gate and decision refitted on validation when `cfg` asks for another decision.
 
     An override such as evaluate.target_sensitivity=0.8 or evaluate.tta=true must
@@ -353,9 +352,11 @@ def ensure_decision(run_dir: Path, frame: pd.DataFrame, cfg: EvaluateConfig, sho
     card = dict(predictor.card)
     reasons = []
     if predictor.gate is None:
-        train, val = (load_image_array(image_refs(sample_rows(frame, part, GATE_IMAGES)), predictor.size, f"gate: {part} images", show)
-                      for part in ("train", "val"))
-        arrays, card["gate"] = fit_run_gate(predictor, train, val)
+        train, val = (frame[frame["split"] == part] for part in ("train", "val"))
+        train_stats, val_stats = (
+            predictor.score(load_image_array(image_refs(rows.iloc[gate_sample(len(rows))]), predictor.size, f"gate: {part} images", show), tta=False)[1]
+            for part, rows in (("train", train), ("val", val)))
+        arrays, card["gate"] = fit_run_gate(train_stats, val_stats)
         save_gate(arrays, run_dir / "gate.npz")
         reasons.append("the run had no input gate; fitted one on its training and validation images")
     wanted = decision_settings(cfg)
@@ -422,7 +423,7 @@ def evaluate_run(
     timer = PhaseTimer()
     with timer("decision and gate (refitted only when missing or changed)"):
         predictor = ensure_decision(run_dir, frame, cfg, show, log)
-    classes, card = predictor.classes, predictor.card  # type: ignore[attr-defined]
+    classes, card = predictor.classes, predictor.card
     for name, external in (externals or {}).items():
         unknown = sorted(set(external["label"].astype(str)) - set(classes))
         if unknown:
@@ -432,7 +433,7 @@ def evaluate_run(
     for path in sorted((run_dir / "external").glob("*.csv")):
         sets[path.stem] = load_manifest(path)
     metrics = read_json_object(run_dir / "metrics.json")
-    model, normaliser = predictor.model, predictor.normaliser  # type: ignore[attr-defined]
+    model, normaliser = predictor.model, predictor.normaliser
     evaluation: dict[str, object] = {
         "calibration": card.get("calibration"), "study_rule": card.get("study_rule"), "gate": card.get("gate"),
         "tta": bool(card.get("tta", False)), "prevalence": cfg.prevalence, "sets": {},
@@ -443,16 +444,16 @@ def evaluate_run(
     train_rows = train_rows.iloc[np.sort(rng.choice(len(train_rows), min(cfg.tsne_points, len(train_rows)), replace=False))]
     for name, part in [("training part", train_rows)] + list(sets.items()):
         with timer("loading images"):
-            images = load_image_array(image_refs(part), predictor.size, f"loading {name}", show)  # type: ignore[attr-defined]
+            images = load_image_array(image_refs(part), predictor.size, f"loading {name}", show)
         if name != "training part":
             with timer("model and gate"):
-                raw, gate_stats = predictor.score(images)  # type: ignore[attr-defined]
-            distances = predictor.gate_distances(gate_stats)  # type: ignore[attr-defined]
+                raw, gate_stats = predictor.score(images)
+            distances = predictor.gate_distances(gate_stats)
             with timer("metrics and intervals (bootstrap included)"):
-                result = score_set(part, raw, distances, classes, card, predictor.gate_threshold, cfg, seed)  # type: ignore[attr-defined]
+                result = score_set(part, raw, distances, classes, card, predictor.gate_threshold, cfg, seed)
             if len(classes) == 2:
                 y = np.array([str(v) == classes[1] for v in part["label"]])
-                score = predictor.calibrated(raw)[:, 1]  # type: ignore[attr-defined]
+                score = predictor.calibrated(raw)[:, 1]
                 if cfg.gallery_per_cell or cfg.plausibility_images:  # both 0 in a quick evaluation
                     with timer("heat maps and lung masks"):
                         result["explain"] = explain_set(model, normaliser, images, y, score, part, cfg, run_dir / "heatmaps" / slug(name), seed)
@@ -460,7 +461,7 @@ def evaluate_run(
                 predictions = part[columns].copy()
                 predictions["p_" + classes[1]] = score
                 predictions["gate_distance"] = distances
-                predictions["accepted"] = distances <= predictor.gate_threshold  # type: ignore[attr-defined]
+                predictions["accepted"] = distances <= predictor.gate_threshold
                 atomic.write_with(run_dir / "predictions" / f"{slug(name)}.csv", lambda tmp: predictions.to_csv(tmp, index=False))
                 if name == IN_DOMAIN:
                     atomic.write_with(run_dir / "test_predictions.csv", lambda tmp: predictions.to_csv(tmp, index=False))
@@ -543,15 +544,19 @@ def compare_predictions(
     score_a, score_b = joined[positive_column + "_a"].to_numpy(float), joined[positive_column + "_b"].to_numpy(float)
     patients = joined["patient_id_a"].astype(str).to_numpy() if "patient_id_a" in joined.columns else np.full(len(joined), "")
     has_ids = bool(len(patients)) and bool((patients != "").all())
-    units = patients if has_ids else np.arange(len(joined)).astype(str)
+    # Patients as units; without IDs the split's similarity groups (the CIs' units), else single images (stated).
+    if has_ids:
+        units, unit_name = patients, "patients"
+    else:
+        units, unit_name = _groups_for_ci(joined.rename(columns={"group_a": "group"}))
     result: dict[str, object] = {
         "images": int(len(joined)),
-        "units": f"{len(np.unique(units))} " + ("patients" if has_ids else "images (no patient IDs: slices treated as independent)"),
+        "units": f"{len(np.unique(units))} {unit_name}",
         "mcnemar": clustered_mcnemar_test(y, score_a >= 0.5, score_b >= 0.5, units),
         "delong": clustered_delong_test(y, score_a, score_b, units),
     }
     if has_ids and len(np.unique(patients)) < len(patients):
-        rule_a, rule_b = rules or ({"aggregation": "mean", "threshold": 0.5},) * 2
+        rule_a, rule_b = rules or (DEFAULT_STUDY_RULE, DEFAULT_STUDY_RULE)
         _, labels, study_a = study_scores(patients, y, score_a, rule_a)
         _, _, study_b = study_scores(patients, y, score_b, rule_b)
         result["patient_level"] = {

@@ -46,11 +46,19 @@ def small_sample_z(z: float, clusters: int) -> float:
     return float(t.ppf(norm.cdf(z), max(clusters - 1, 1)))
 
 
-def _cluster_index(groups: np.ndarray | None, n: int) -> tuple[np.ndarray, int]:
+def cluster_index(groups: np.ndarray | None, n: int) -> tuple[np.ndarray, int]:
+    """(cluster number of each of n images, number of clusters); no groups: every image its own cluster."""
     if groups is None:
         return np.arange(n), n
     _, inverse = np.unique(np.asarray(groups).astype(str), return_inverse=True)
-    return inverse, int(inverse.max()) + 1 if n else 0
+    return inverse, (int(inverse.max()) + 1) if n else 0
+
+
+def clustered_variance(influence: np.ndarray, groups: np.ndarray | None) -> float:
+    """Variance of a statistic from each image's influence on it, the images of one cluster summed first."""
+    index, clusters = cluster_index(groups, len(influence))
+    per_cluster = np.bincount(index, weights=influence)
+    return clusters / max(clusters - 1, 1) * float((per_cluster**2).sum())
 
 
 def clustered_proportion(hits: np.ndarray, groups: np.ndarray | None = None, z: float = Z95) -> dict[str, float]:
@@ -59,7 +67,7 @@ def clustered_proportion(hits: np.ndarray, groups: np.ndarray | None = None, z: 
     n = len(hits)
     if n == 0:
         return {"value": math.nan, "low": math.nan, "high": math.nan, "n": 0, "n_effective": 0.0}
-    index, _ = _cluster_index(groups, n)
+    index, _ = cluster_index(groups, n)
     per_cluster_hits = np.bincount(index, weights=hits.astype(float))
     sizes = np.bincount(index).astype(float)
     keep = sizes > 0
@@ -117,9 +125,7 @@ def auc_influence(y_true: np.ndarray, score: np.ndarray) -> tuple[float, np.ndar
 def clustered_auc_variance(y_true: np.ndarray, score: np.ndarray, groups: np.ndarray | None = None) -> tuple[float, float]:
     """AUC and its variance with the images of one patient summed into one influence (Obuchowski 1997)."""
     auc, influence = auc_influence(y_true, score)
-    index, clusters = _cluster_index(groups, len(influence))
-    per_cluster = np.bincount(index, weights=influence)
-    return auc, clusters / max(clusters - 1, 1) * float((per_cluster**2).sum())
+    return auc, clustered_variance(influence, groups)
 
 
 def clustered_auc(y_true: np.ndarray, score: np.ndarray, groups: np.ndarray | None = None, z: float = Z95) -> dict[str, float]:
@@ -129,7 +135,7 @@ def clustered_auc(y_true: np.ndarray, score: np.ndarray, groups: np.ndarray | No
     if m == 0 or n == 0:
         return {"value": math.nan, "low": math.nan, "high": math.nan}
     auc, variance = clustered_auc_variance(y_true, score, groups)
-    index, _ = _cluster_index(groups, len(y_true))
+    index, _ = cluster_index(groups, len(y_true))
     clusters_pos, clusters_neg = len(np.unique(index[y_true == 1])), len(np.unique(index[y_true == 0]))
     worst = max(m / clusters_pos, n / clusters_neg)
     reference = _newcombe_variance(auc, m, n)

@@ -11,10 +11,13 @@ import html
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from covidscan import atomic
 from covidscan.config import RunConfig
+from covidscan.decision import rule_name
+from covidscan.explain.overlay import colorize
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;color:#222;line-height:1.4}
@@ -177,7 +180,7 @@ def _with_interval(value: object, ci: dict[str, float] | None) -> str:
     return _fmt(value) + (f"<br><small>{_fmt(ci['low'])} – {_fmt(ci['high'])}</small>" if ci else "")
 
 
-def _gate_html(result: dict[str, object], classes: list[str]) -> str:
+def _gate_html(result: dict[str, object]) -> str:
     gate = result.get("gate")
     if not isinstance(gate, dict):
         return ""
@@ -273,7 +276,7 @@ def _set_section(name: str, result: dict[str, object], classes: list[str], run_d
                 "<table><tr><th>Class (one vs rest)</th><th>Precision</th><th>Sensitivity</th><th>Specificity</th><th>F1</th><th>AUC</th></tr>"
                 f"{rows}</table></section>")
     negative, positive = classes[0], classes[-1]
-    parts = [head, _gate_html(result, classes), _duplicates_html(result.get("training_duplicates")), _accepted_vs_all(result)]
+    parts = [head, _gate_html(result), _duplicates_html(result.get("training_duplicates")), _accepted_vs_all(result)]
     if result.get("reference_standard"):
         parts.append("<p>Reference standard: " + ", ".join(f"{_e(k)} ({v} images)" for k, v in result["reference_standard"].items()) + ".</p>")  # type: ignore[union-attr]
     if not result["n"]:
@@ -320,10 +323,6 @@ def _set_section(name: str, result: dict[str, object], classes: list[str], run_d
 
 def _colour_scale() -> str:
     """The heat-map colour bar (the overlay's own table), 0 = no attention, 1 = the map's maximum."""
-    from covidscan.explain.overlay import colorize
-
-    import numpy as np
-
     stops = colorize(np.linspace(0.0, 1.0, 11)[None, :])[0]
     gradient = ", ".join(f"rgb({r},{g},{b}) {i * 10}%" for i, (r, g, b) in enumerate(stops))
     return (f'<div aria-label="heat-map colour scale" style="display:flex;align-items:center;gap:.4rem;font-size:.8rem">low (0)'
@@ -360,8 +359,6 @@ def _deployed_html(evaluation: dict[str, object]) -> str:
     """What the service does with an image and a study, as recorded in model.json."""
     calibration, rule, gate = evaluation.get("calibration") or {}, evaluation.get("study_rule") or {}, evaluation.get("gate") or {}
     assert isinstance(calibration, dict) and isinstance(rule, dict) and isinstance(gate, dict)
-    from covidscan.decision import rule_name
-
     points = ", ".join(f"{_e(k)} at {_fmt(v)}" for k, v in (calibration.get("operating_points") or {}).items())
     return (
         '<section id="deployed"><h2>The deployed decision (model.json)</h2><table class="text">'

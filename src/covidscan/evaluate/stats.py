@@ -146,17 +146,19 @@ def clustered_mcnemar_test(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.nd
     """
     from scipy.stats import chi2
 
+    from covidscan.evaluate.intervals import cluster_index
+
     correct_a = np.asarray(pred_a) == np.asarray(y_true)
     correct_b = np.asarray(pred_b) == np.asarray(y_true)
-    _, index = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    index, clusters = cluster_index(groups, len(correct_a))
     difference = np.bincount(index, weights=(correct_a & ~correct_b).astype(float)) - np.bincount(index, weights=(~correct_a & correct_b).astype(float))
     b, c = int((correct_a & ~correct_b).sum()), int((~correct_a & correct_b).sum())
     denominator = float((difference**2).sum())
     if denominator == 0:
-        return {"only_a_correct": b, "only_b_correct": c, "patients": int(index.max() + 1) if len(index) else 0, "p_value": 1.0,
+        return {"only_a_correct": b, "only_b_correct": c, "patients": clusters, "p_value": 1.0,
                 "method": "clustered McNemar (Durkalski): no discordant patients"}
     statistic = float(difference.sum()) ** 2 / denominator
-    return {"only_a_correct": b, "only_b_correct": c, "patients": int(index.max() + 1), "p_value": float(chi2.sf(statistic, 1)),
+    return {"only_a_correct": b, "only_b_correct": c, "patients": clusters, "p_value": float(chi2.sf(statistic, 1)),
             "method": "clustered McNemar (Durkalski), slices of one patient as one unit"}
 
 
@@ -167,17 +169,15 @@ def clustered_delong_test(y_true: np.ndarray, score_a: np.ndarray, score_b: np.n
     """
     from scipy.stats import norm
 
-    from covidscan.evaluate.intervals import auc_influence
+    from covidscan.evaluate.intervals import auc_influence, cluster_index, clustered_variance
 
     y_true = np.asarray(y_true).astype(int)
     if int(y_true.sum()) < 2 or int((y_true == 0).sum()) < 2:
         return {"auc_a": math.nan, "auc_b": math.nan, "difference": math.nan, "p_value": math.nan, "method": "too few images of a class"}
     auc_a, influence_a = auc_influence(y_true, score_a)
     auc_b, influence_b = auc_influence(y_true, score_b)
-    _, index = np.unique(np.asarray(groups).astype(str), return_inverse=True)
-    clusters = int(index.max()) + 1
-    per_cluster = np.bincount(index, weights=influence_a - influence_b)
-    variance = clusters / max(clusters - 1, 1) * float((per_cluster**2).sum())
+    clusters = cluster_index(groups, len(y_true))[1]
+    variance = clustered_variance(influence_a - influence_b, groups)
     difference = auc_a - auc_b
     method = f"clustered DeLong (Obuchowski), {clusters} patients"
     if variance <= 0:

@@ -14,7 +14,7 @@ import numpy as np
 from covidscan import DISCLAIMER
 from covidscan.data.io import resize_gray
 from covidscan.atomic import recover_folder
-from covidscan.decision import aggregate_scores
+from covidscan.decision import DEFAULT_STUDY_RULE, apply_temperature, study_answer
 from covidscan.errors import CovidscanError
 from covidscan.gate import gate_distance, load_gate
 from covidscan.model_card import read_model_card
@@ -54,7 +54,7 @@ class Bundle:
         self.cam_weights = np.asarray(self.card["cam"]["weights"], np.float32)  # (classes, channels)
         self.gate_threshold = float(self.card["gate"]["threshold"])
         self.gate_reference = load_gate(self.folder / "gate.npz")
-        self.study_rule: dict[str, object] = self.card.get("study_rule") or {"aggregation": "mean", "threshold": 0.5}  # type: ignore[assignment]
+        self.study_rule: dict[str, object] = self.card.get("study_rule") or DEFAULT_STUDY_RULE  # type: ignore[assignment]
         self.tta = bool(self.card.get("tta", False))
         options = ort.SessionOptions()
         if threads:
@@ -86,14 +86,10 @@ class Bundle:
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(N, 1, S, S) float32 in [0, 1] -> (probabilities (N, C), feature maps (N, C', h, w), gate statistics (N, D))."""
         logits, features, gate_features = self.session.run(None, {"images": batch})
+        probs = _softmax(logits)
         if self.tta:  # the model card says probabilities are averaged with the left-right mirror's (as evaluated)
-            mirrored = self.session.run(["logits"], {"images": np.ascontiguousarray(batch[..., ::-1])})[0]
-            probs = (_softmax(logits) + _softmax(mirrored)) / 2
-            logits = np.log(np.clip(probs, 1e-12, 1.0))
-        scaled = logits / self.temperature
-        scaled -= scaled.max(axis=1, keepdims=True)
-        probs = np.exp(scaled)
-        return probs / probs.sum(axis=1, keepdims=True), features, gate_features
+            probs = (probs + _softmax(self.session.run(["logits"], {"images": np.ascontiguousarray(batch[..., ::-1])})[0])) / 2
+        return apply_temperature(probs, self.temperature), features, gate_features  # as the PyTorch predictor calibrates
 
     def cam(self, features: np.ndarray, target: int) -> np.ndarray:
         """ReLU(sum_c w_c F_c), min-max scaled per image, upsampled to the input size."""
@@ -113,12 +109,7 @@ class Bundle:
 
     def study(self, results: list[SliceResult]) -> tuple[str, float, int]:
         """(label, probability, slices used) of slices taken as one study: the model card's rule over accepted slices."""
-        kept = [r.probabilities[self.classes[-1]] for r in results if r.in_distribution]
-        if not kept:
-            return "refused", float("nan"), 0
-        probability = aggregate_scores(kept, self.study_rule)
-        label = self.classes[-1] if probability >= float(self.study_rule.get("threshold", 0.5)) else self.classes[0]  # type: ignore[arg-type]
-        return label, probability, len(kept)
+        return study_answer([r.probabilities[self.classes[-1]] for r in results if r.in_distribution], self.classes, self.study_rule)
 
     def prepare(self, pixels: np.ndarray) -> np.ndarray:
         """Gray float image in [0, 1] of any size -> the model's uint8 input (size x size), as in training."""
