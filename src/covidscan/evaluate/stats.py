@@ -155,11 +155,11 @@ def clustered_mcnemar_test(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.nd
     b, c = int((correct_a & ~correct_b).sum()), int((~correct_a & correct_b).sum())
     denominator = float((difference**2).sum())
     if denominator == 0:
-        return {"only_a_correct": b, "only_b_correct": c, "patients": clusters, "p_value": 1.0,
+        return {"only_a_correct": b, "only_b_correct": c, "clusters": clusters, "p_value": 1.0,
                 "method": "clustered McNemar (Durkalski): no discordant patients"}
     statistic = float(difference.sum()) ** 2 / denominator
-    return {"only_a_correct": b, "only_b_correct": c, "patients": clusters, "p_value": float(chi2.sf(statistic, 1)),
-            "method": "clustered McNemar (Durkalski), slices of one patient as one unit"}
+    return {"only_a_correct": b, "only_b_correct": c, "clusters": clusters, "p_value": float(chi2.sf(statistic, 1)),
+            "method": "clustered McNemar (Durkalski), the slices of one patient (or group) as one unit"}
 
 
 def clustered_delong_test(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray, groups: np.ndarray) -> dict[str, float | str]:
@@ -179,7 +179,7 @@ def clustered_delong_test(y_true: np.ndarray, score_a: np.ndarray, score_b: np.n
     clusters = cluster_index(groups, len(y_true))[1]
     variance = clustered_variance(influence_a - influence_b, groups)
     difference = auc_a - auc_b
-    method = f"clustered DeLong (Obuchowski), {clusters} patients"
+    method = f"clustered DeLong (Obuchowski), {clusters} patients or groups"
     if variance <= 0:
         return {"auc_a": auc_a, "auc_b": auc_b, "difference": difference, "p_value": 1.0 if difference == 0 else 0.0, "method": method}
     return {"auc_a": auc_a, "auc_b": auc_b, "difference": difference, "p_value": float(2 * norm.sf(abs(difference) / math.sqrt(variance))), "method": method}
