@@ -10,7 +10,7 @@ from covidscan.config import TrainConfig
 from covidscan.data.transforms import AugmentConfig, Normaliser, augment
 from covidscan.models.classifier import CovidClassifier
 from covidscan.models.registry import get_backbone
-from covidscan.pipeline import load_image_array
+from covidscan.data.io import load_image_array
 from covidscan.data.manifest import image_refs
 from covidscan.data.sources import index_folder
 from covidscan.seed import seed_everything

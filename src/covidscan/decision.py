@@ -29,6 +29,13 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     return (scaled / scaled.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+def slice_label(probabilities: np.ndarray, classes: list[str], threshold: float) -> str:
+    """One image's label: two classes at the card's threshold on P(positive), else the most probable class."""
+    if len(classes) == 2:
+        return classes[1] if probabilities[1] >= threshold else classes[0]
+    return classes[int(np.argmax(probabilities))]
+
+
 def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)).mean())
 

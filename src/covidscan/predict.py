@@ -1,12 +1,15 @@
-"""A trained run as it is deployed: model, calibration, input gate and study rule.
+"""A trained run as it is deployed: the scorer behind evaluation, `predict`, `compare` and export.
 
-The same decision the service makes from an exported bundle, computed with
-PyTorch from the run folder: evaluation and `covidscan predict` use it, so
-the report describes what the service answers.
+A scorer turns uint8 images into class probabilities and gate statistics; a
+single network (`Predictor`), a DeTraC-decomposed one (the same class: its
+label space composes sub-classes) and an ensemble (`covidscan.ensemble`) all
+implement it. `DeployedScorer` adds what the service does from a bundle:
+calibration, input gate, label and study rule from the model card, so the
+report describes what the service answers.
 """
 from __future__ import annotations
 
-import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,12 +19,15 @@ import torch
 from covidscan import DISCLAIMER
 from covidscan.data.io import load_resized
 from covidscan.data.transforms import Normaliser
-from covidscan.decision import DEFAULT_STUDY_RULE, REFUSED, apply_temperature, study_answer
+from covidscan.decision import REFUSED, apply_temperature, slice_label, study_answer
 from covidscan.errors import CovidscanError
 from covidscan.gate import gate_distance, load_gate
-from covidscan.model_card import read_model_card
+from covidscan.model_card import ENSEMBLE, ModelCard, read_model_card
 from covidscan.models.classifier import CovidClassifier
 from covidscan.train.checkpoint import load_checkpoint
+
+MODEL_CARD = "model.json"
+
 
 @dataclass
 class Prediction:
@@ -34,41 +40,119 @@ class Prediction:
     note: str = DISCLAIMER
 
 
-class Predictor:
-    """A trained model with its preprocessing, calibration and gate, from a run folder (or its model.json)."""
+class DeployedScorer(ABC):
+    """The interface every model implements, and the deployed decision on top of it."""
 
-    def __init__(self, model_path: str | Path) -> None:
+    model_card: ModelCard
+    folder: Path
+
+    @abstractmethod
+    def score(self, images: np.ndarray, batch_size: int = 64, tta: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 images (N, 1, S, S) -> (uncalibrated class probabilities (N, C), gate statistics (N, D))."""
+
+    @abstractmethod
+    def gate_distances(self, gate_stats: np.ndarray) -> np.ndarray:
+        """Distance from the training images, comparable with `gate_threshold`."""
+
+    @abstractmethod
+    def heatmaps(self, images: np.ndarray, target_class: int, method: str = "gradcam") -> np.ndarray:
+        """Heat maps (N, S, S) in [0, 1] explaining `target_class` for uint8 images."""
+
+    @abstractmethod
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """L2-normalised features (N, D), for t-SNE."""
+
+    @property
+    @abstractmethod
+    def has_gate(self) -> bool:
+        """False for a run trained before the input gate existed."""
+
+    @property
+    def card(self) -> dict[str, object]:
+        """model.json as a dict (descriptive fields included)."""
+        return self.model_card.to_json()
+
+    @property
+    def classes(self) -> list[str]:
+        return self.model_card.classes
+
+    @property
+    def size(self) -> int:
+        return self.model_card.size
+
+    @property
+    def threshold(self) -> float:
+        return self.model_card.threshold
+
+    @property
+    def gate_threshold(self) -> float:
+        return self.model_card.gate_threshold
+
+    @property
+    def study_rule(self) -> dict[str, object]:
+        return self.model_card.study_rule
+
+    def calibrated(self, probs: np.ndarray) -> np.ndarray:
+        return apply_temperature(probs, self.model_card.temperature)
+
+    def probabilities(self, paths: list[str | Path]) -> np.ndarray:
+        """Class probabilities, temperature-scaled when calibration was kept on validation data."""
+        return self.calibrated(self.score(self._read(paths))[0])
+
+    def _read(self, paths: list[str | Path]) -> np.ndarray:
+        return np.stack([load_resized(p, self.size)[None] for p in paths])
+
+    def predict(self, paths: list[str | Path]) -> list[Prediction]:
+        """One prediction per image; images the gate refuses get the label 'refused'."""
+        raw, stats = self.score(self._read(paths))
+        probs, distances = self.calibrated(raw), self.gate_distances(stats)
+        out = []
+        for path, p, d in zip(paths, probs, distances):
+            accepted = bool(d <= self.gate_threshold)
+            label = slice_label(p, self.classes, self.threshold) if accepted else REFUSED
+            out.append(Prediction(str(path), label, {c: float(v) for c, v in zip(self.classes, p)}, self.threshold, accepted, float(d)))
+        return out
+
+    def study(self, predictions: list[Prediction]) -> tuple[str, float, int]:
+        """(label, probability, slices used) of images taken as one study, by the model card's study rule."""
+        return study_answer([p.probabilities[self.classes[-1]] for p in predictions if p.in_distribution], self.classes, self.study_rule)
+
+
+class Predictor(DeployedScorer):
+    """One network (decomposed or not) with its preprocessing, calibration and gate, from a run folder."""
+
+    def __init__(self, model_path: str | Path, card: ModelCard | None = None) -> None:
+        """`card`: the card in memory (training hands it over before model.json is final); else read from disk."""
         from covidscan.export.onnx import ExportWrapper
 
         model_path = Path(model_path)
-        card_path = model_path / "model.json" if model_path.is_dir() else model_path
-        card = read_model_card(card_path, f"{model_path}: not a run folder (no model.json); train one with `covidscan train` or `make demo`")
+        card_path = model_path / MODEL_CARD if model_path.is_dir() else model_path
+        if card is None:
+            card = read_model_card(card_path, f"{model_path}: not a run folder (no model.json); train one with `covidscan train` or `make demo`")
         self.folder = card_path.parent
-        self.card = card.raw
-        if "weights" not in self.card or "normalise" not in self.card:
+        self.model_card = card
+        raw = card.raw
+        if "weights" not in raw or "normalise" not in raw:
             hint = "; `covidscan predict` reads bundles too" if (self.folder / "model.onnx").is_file() else ""
             raise CovidscanError(f"{self.folder}: not a training run's model card (no weights){hint}")
-        self.classes, self.size, self.threshold, self.temperature = card.classes, card.size, card.threshold, card.temperature
-        self.normaliser = Normaliser(**self.card["normalise"])
+        self.normaliser = Normaliser(**raw["normalise"])  # type: ignore[arg-type]
         self.model = CovidClassifier(
-            self.card["backbone"], len(self.classes), int(self.card["in_chans"]), float(self.card["dropout"]), weights="none"
+            str(raw["backbone"]), len(card.labels.outputs), int(raw["in_chans"]), float(raw["dropout"]),  # type: ignore[arg-type]
+            weights="none", parents=card.labels.parents,
         )
-        load_checkpoint(self.folder / self.card["weights"], self.model)
+        load_checkpoint(self.folder / str(raw["weights"]), self.model)
         self.model.eval()
         self.wrapper = ExportWrapper(self.model, self.normaliser.mean, self.normaliser.std).eval()
-        self.tta = bool(self.card.get("tta", False))
-        gate = self.card.get("gate")
-        self.gate = load_gate(self.folder / "gate.npz") if isinstance(gate, dict) and (self.folder / "gate.npz").is_file() else None
-        self.gate_threshold = float(gate["threshold"]) if self.gate is not None and isinstance(gate, dict) else math.inf
-        self.study_rule: dict[str, object] = self.card.get("study_rule") or DEFAULT_STUDY_RULE  # type: ignore[assignment]
+        self.gate = load_gate(self.folder / "gate.npz") if isinstance(raw.get("gate"), dict) and (self.folder / "gate.npz").is_file() else None
+
+    @property
+    def has_gate(self) -> bool:
+        return self.gate is not None
 
     @torch.no_grad()
     def score(self, images: np.ndarray, batch_size: int = 64, tta: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 images (N, 1, S, S) -> (uncalibrated probabilities (N, C), gate statistics (N, D)).
-
-        `tta` (default: the model card's): probabilities averaged with the left-right mirror's.
-        """
-        tta = self.tta if tta is None else tta
+        """`tta` (default: the model card's): probabilities averaged with the left-right mirror's."""
+        tta = self.model_card.tta if tta is None else tta
         probs, stats = [], []
         for start in range(0, len(images), batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).float().div_(255.0)
@@ -83,34 +167,27 @@ class Predictor:
         return np.concatenate(probs), np.concatenate(stats)
 
     def gate_distances(self, gate_stats: np.ndarray) -> np.ndarray:
-        """Distance from the training images; zeros for a run trained before the gate existed."""
         return gate_distance(self.gate, gate_stats) if self.gate is not None else np.zeros(len(gate_stats))
 
-    def calibrated(self, probs: np.ndarray) -> np.ndarray:
-        return apply_temperature(probs, self.temperature)
+    def heatmaps(self, images: np.ndarray, target_class: int, method: str = "gradcam") -> np.ndarray:
+        from covidscan.explain.cam import heatmaps
 
-    def probabilities(self, paths: list[str | Path]) -> np.ndarray:
-        """Class probabilities, temperature-scaled when calibration was kept on validation data."""
-        images = np.stack([load_resized(p, self.size)[None] for p in paths])
-        return self.calibrated(self.score(images)[0])
+        return heatmaps(self.model, images, self.normaliser, target_class=target_class, method=method)
 
-    def predict(self, paths: list[str | Path]) -> list[Prediction]:
-        """One prediction per image; images the gate refuses get the label 'refused'."""
-        images = np.stack([load_resized(p, self.size)[None] for p in paths])
-        raw, stats = self.score(images)
-        probs, distances = self.calibrated(raw), self.gate_distances(stats)
-        out = []
-        for path, p, d in zip(paths, probs, distances):
-            accepted = bool(d <= self.gate_threshold)
-            if not accepted:
-                label = REFUSED
-            elif len(self.classes) == 2:
-                label = self.classes[1] if p[1] >= self.threshold else self.classes[0]
-            else:
-                label = self.classes[int(p.argmax())]
-            out.append(Prediction(str(path), label, {c: float(v) for c, v in zip(self.classes, p)}, self.threshold, accepted, float(d)))
-        return out
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        from covidscan.models.embed import embed_array
 
-    def study(self, predictions: list[Prediction]) -> tuple[str, float, int]:
-        """(label, probability, slices used) of images taken as one study, by the model card's study rule."""
-        return study_answer([p.probabilities[self.classes[-1]] for p in predictions if p.in_distribution], self.classes, self.study_rule)
+        return embed_array(self.model, images, self.normaliser, show=False)
+
+
+def load_scorer(model_path: str | Path, card: ModelCard | None = None) -> DeployedScorer:
+    """The scorer of a run folder (or its model.json): a network or an ensemble, as its card says."""
+    model_path = Path(model_path)
+    card_path = model_path / MODEL_CARD if model_path.is_dir() else model_path
+    if card is None:
+        card = read_model_card(card_path, f"{model_path}: not a run folder (no model.json); train one with `covidscan train` or `make demo`")
+    if card.kind == ENSEMBLE:
+        from covidscan.ensemble import EnsemblePredictor
+
+        return EnsemblePredictor(card_path.parent, card)
+    return Predictor(card_path, card)

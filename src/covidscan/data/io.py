@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -372,6 +372,18 @@ def resize_gray(pixels: np.ndarray, size: int) -> np.ndarray:
 def load_resized(path: str | Path, size: int, frame: int | None = None) -> np.ndarray:
     """Read an image and return it as uint8 size x size: the training cache format."""
     return resize_gray(read_image(path, frame).pixels, size)
+
+
+def load_image_array(
+    refs: Sequence[tuple[str, int | None]], size: int, description: str = "loading images", show: bool = True
+) -> np.ndarray:
+    """Read and resize images (path, slice index) into one uint8 array (N, 1, size, size)."""
+    from covidscan.progress import track
+
+    out = np.empty((len(refs), 1, size, size), np.uint8)
+    for i, (path, slice_index) in enumerate(track(refs, description, show)):
+        out[i, 0] = load_resized(path, size, slice_index)
+    return out
 
 
 def sniff_kind(data: bytes) -> str:

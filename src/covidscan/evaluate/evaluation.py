@@ -31,7 +31,7 @@ from covidscan.evaluate.metrics import binary_metrics, multiclass_metrics
 from covidscan.evaluate.stats import bootstrap_ci, threshold_for
 
 if TYPE_CHECKING:
-    from covidscan.predict import Predictor
+    from covidscan.predict import DeployedScorer
 
 IN_DOMAIN = "in-domain test"
 GALLERY_CELLS = ("TP", "FN", "FP", "TN")
@@ -235,8 +235,7 @@ def slug(name: str) -> str:
 
 
 def explain_set(
-    model: object,
-    normaliser: object,
+    scorer: DeployedScorer,
     images: np.ndarray,
     y: np.ndarray,
     score: np.ndarray,
@@ -246,7 +245,6 @@ def explain_set(
     seed: int,
 ) -> dict[str, object]:
     """Heat-map gallery PNGs and the lung-energy plausibility figure of one data set."""
-    from covidscan.explain.cam import heatmaps
     from covidscan.explain.lung_mask import energy_inside, lung_mask
     from covidscan.explain.overlay import overlay, png_bytes
 
@@ -254,7 +252,7 @@ def explain_set(
     rng = np.random.default_rng(seed)
     sample = rng.choice(len(images), size=min(cfg.plausibility_images, len(images)), replace=False) if len(images) else np.array([], int)
     chosen = sorted({i for cell in picks.values() for i in cell} | {int(i) for i in sample})
-    heat = dict(zip(chosen, heatmaps(model, images[chosen], normaliser, target_class=1, method=cfg.cam_method)))  # type: ignore[arg-type]
+    heat = dict(zip(chosen, scorer.heatmaps(images[chosen], target_class=1, method=cfg.cam_method)))
     masks = {i: lung_mask(images[i, 0]) for i in chosen}  # each mask once
     gallery = []
     for cell in GALLERY_CELLS:
@@ -335,8 +333,8 @@ def gate_sample(count: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(count, min(GATE_IMAGES, count), replace=False))
 
 
-def ensure_decision(run_dir: Path, frame: pd.DataFrame, cfg: EvaluateConfig, show: bool, log: Callable[[str], None]) -> Predictor:
-    """The run's Predictor, with its gate and decision refitted on validation when `cfg` asks for another decision.
+def ensure_decision(run_dir: Path, frame: pd.DataFrame, cfg: EvaluateConfig, show: bool, log: Callable[[str], None]) -> DeployedScorer:
+    """The run's scorer, with its gate and decision refitted on validation when `cfg` asks for another decision.
 
     An override such as evaluate.target_sensitivity=0.8 or evaluate.tta=true must
     change what is evaluated *and* what is served: the new calibration,
@@ -345,13 +343,13 @@ def ensure_decision(run_dir: Path, frame: pd.DataFrame, cfg: EvaluateConfig, sho
     """
     from covidscan.data.manifest import image_refs
     from covidscan.gate import save_gate
-    from covidscan.pipeline import MODEL_CARD, load_image_array
-    from covidscan.predict import Predictor
+    from covidscan.data.io import load_image_array
+    from covidscan.predict import MODEL_CARD, load_scorer
 
-    predictor = Predictor(run_dir)
+    predictor = load_scorer(run_dir)
     card = dict(predictor.card)
     reasons = []
-    if predictor.gate is None:
+    if not predictor.has_gate:
         train, val = (frame[frame["split"] == part] for part in ("train", "val"))
         train_stats, val_stats = (
             predictor.score(load_image_array(image_refs(rows.iloc[gate_sample(len(rows))]), predictor.size, f"gate: {part} images", show), tta=False)[1]
@@ -372,7 +370,7 @@ def ensure_decision(run_dir: Path, frame: pd.DataFrame, cfg: EvaluateConfig, sho
         atomic.write_json(run_dir / MODEL_CARD, card)
         for reason in reasons:
             log(f"model.json updated: {reason}; export the run again to serve it")
-        predictor = Predictor(run_dir)
+        predictor = load_scorer(run_dir)
     return predictor
 
 
@@ -398,6 +396,8 @@ def evaluate_run(
     cfg: EvaluateConfig | None = None,
     show: bool = True,
     log: Callable[[str], None] = print,
+    metrics: dict[str, object] | None = None,
+    started: float | None = None,
 ) -> dict[str, object]:
     """(Re-)evaluate a run as deployed on its test part and every external set; rewrite metrics.json and report.html.
 
@@ -406,14 +406,15 @@ def evaluate_run(
     recorded, and studies are decided by the model card's rule.
     External manifests are copied into RUN/external/<name>.csv so that the
     run folder alone reproduces every figure; earlier ones are re-evaluated too.
+    `metrics`: the training summary in memory (training hands it over); else metrics.json.
+    `started`: perf_counter() when training began, to record the run's wall time.
     """
     import json
 
     from covidscan.config import load_config
     from covidscan.data.manifest import image_refs, load_manifest, save_manifest
     from covidscan.evaluate.report import write_report
-    from covidscan.models.embed import embed_array
-    from covidscan.pipeline import load_image_array
+    from covidscan.data.io import load_image_array
 
     run_dir = Path(run_dir)
     config = load_config(run_dir / "config.yaml")
@@ -432,8 +433,7 @@ def evaluate_run(
     sets: dict[str, pd.DataFrame] = {IN_DOMAIN: frame[frame["split"] == "test"].reset_index(drop=True)}
     for path in sorted((run_dir / "external").glob("*.csv")):
         sets[path.stem] = load_manifest(path)
-    metrics = read_json_object(run_dir / "metrics.json")
-    model, normaliser = predictor.model, predictor.normaliser
+    metrics = dict(metrics) if metrics is not None else read_json_object(run_dir / "metrics.json")
     evaluation: dict[str, object] = {
         "calibration": card.get("calibration"), "study_rule": card.get("study_rule"), "gate": card.get("gate"),
         "tta": bool(card.get("tta", False)), "prevalence": cfg.prevalence, "sets": {},
@@ -456,7 +456,7 @@ def evaluate_run(
                 score = predictor.calibrated(raw)[:, 1]
                 if cfg.gallery_per_cell or cfg.plausibility_images:  # both 0 in a quick evaluation
                     with timer("heat maps and lung masks"):
-                        result["explain"] = explain_set(model, normaliser, images, y, score, part, cfg, run_dir / "heatmaps" / slug(name), seed)
+                        result["explain"] = explain_set(predictor, images, y, score, part, cfg, run_dir / "heatmaps" / slug(name), seed)
                 columns = [c for c in ("path", "slice_index", "label", "patient_id", "group") if c in part.columns]
                 predictions = part[columns].copy()
                 predictions["p_" + classes[1]] = score
@@ -477,7 +477,7 @@ def evaluate_run(
         if cfg.tsne_points:
             keep = np.sort(rng.choice(len(part), min(cfg.tsne_points, len(part)), replace=False))
             with timer("t-SNE"):
-                embeddings.append(embed_array(model, images[keep], normaliser, show=False))
+                embeddings.append(predictor.embed(images[keep]))
             tsne_rows.append(patient_free(part.iloc[keep]).assign(set=name))
     if tsne_rows:
         table = pd.concat(tsne_rows, ignore_index=True)
@@ -491,7 +491,10 @@ def evaluate_run(
     metrics["test_ci"] = in_domain.get("ci", {})
     metrics["evaluation"] = evaluation
     metrics["decision_support"] = DISCLAIMER
-    metrics["model_card"] = {k: card.get(k) for k in ("calibration", "study_rule", "gate", "tta", "decision_settings")}
+    metrics["model_card"] = {k: card.get(k) for k in ("calibration", "study_rule", "gate", "tta", "decision_settings", "members", "combiner", "decomposition")
+                             if k in card}
+    if started is not None:
+        metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
     atomic.write_json(run_dir / "metrics.json", metrics)
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines() if line.strip()] if (run_dir / "history.jsonl").is_file() else []
     write_report(run_dir / "report.html", metrics, history, config, run_dir)

@@ -47,7 +47,7 @@ def embed_images(
     show: bool = True,
 ) -> np.ndarray:
     """Read, resize and embed images with a pretrained backbone (no training)."""
-    from covidscan.pipeline import load_image_array
+    from covidscan.data.io import load_image_array
 
     model = CovidClassifier(backbone, num_classes=2, in_chans=1, weights=weights)
     images = load_image_array(refs, size, "loading images for embeddings", show)
