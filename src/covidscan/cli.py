@@ -185,7 +185,12 @@ def train_command(
         frame = load_manifest(manifest)
         run_dir = out
     externals = _external_manifests(external or [])
-    metrics = train_run(frame, cfg, run_dir, resume=resume is not None, show_progress=not quiet, log=_log, externals=externals)
+    if cfg.ensemble.members:
+        from covidscan.pipeline import train_ensemble
+
+        metrics = train_ensemble(frame, cfg, run_dir, show_progress=not quiet, log=_log, externals=externals)  # type: ignore[arg-type]
+    else:
+        metrics = train_run(frame, cfg, run_dir, resume=resume is not None, show_progress=not quiet, log=_log, externals=externals)  # type: ignore[arg-type]
     from covidscan.train.distributed import env_rank
 
     if env_rank() == 0:
@@ -202,6 +207,32 @@ def _external_manifests(paths: list[Path]) -> dict[str, object]:
             raise CovidscanError(f"{path}: two external manifests share the name {path.stem!r}; rename one")
         out[path.stem] = load_manifest(path)
     return out
+
+
+@app.command("ensemble")
+def ensemble_command(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders trained on the same split (e.g. one per backbone).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Ensemble run folder to create.")],
+    method: Annotated[str, typer.Option(help="soft (mean), weighted (weights fitted on validation) or stacking (logistic regression on validation).")] = "stacking",
+    external: Annotated[Optional[list[Path]], typer.Option(help="Also evaluate on this manifest (the first member's external sets are included).")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Quick evaluation: every metric with its CI, no heat maps or t-SNE.")] = False,
+) -> None:
+    """Combine trained runs into one model; evaluate, compare, predict, export and serve it like any run."""
+    from covidscan.config import ENSEMBLE_METHODS, QUICK_EVALUATION, load_config
+    from covidscan.ensemble import build_ensemble
+
+    if method not in ENSEMBLE_METHODS:
+        raise CovidscanError(f"--method must be one of {', '.join(ENSEMBLE_METHODS)}, got {method!r}")
+    if out.exists() and any(out.iterdir()):
+        raise CovidscanError(f"{out}: folder exists and is not empty; choose another --out")
+    for run in runs:
+        if not (run / "config.yaml").is_file():
+            raise CovidscanError(f"{run}: not a run folder (no config.yaml)")
+    cfg = load_config(runs[0] / "config.yaml", QUICK_EVALUATION if quick else []).evaluate
+    metrics = build_ensemble(list(runs), out, method, cfg, not quiet, _log, _external_manifests(external or []))  # type: ignore[arg-type]
+    _print_summary(metrics, out)
+    console.print(DISCLAIMER, style="italic", markup=False)
 
 
 @app.command("evaluate")
@@ -311,17 +342,18 @@ def predict_command(
     study: Annotated[bool, typer.Option("--study", help="The images are slices of one study: also print the study answer (the model card's rule).")] = False,
 ) -> None:
     """Print class probabilities and the predicted label for each image (and for the study with --study)."""
-    from covidscan.predict import Predictor
+    from covidscan.predict import load_scorer
+    from covidscan.serve.predictor import is_bundle
 
-    if (model / "model.onnx").is_file() and (model / "gate.npz").is_file():
+    if is_bundle(model):
         _predict_with_bundle(model, images, study)
         return
-    predictor = Predictor(model)
+    predictor = load_scorer(model)
     predictions = predictor.predict(list(images))
     for prediction in predictions:
         probs = "  ".join(f"P({name})={value:.3f}" for name, value in prediction.probabilities.items())
         verdict = prediction.label if prediction.in_distribution else "refused (unlike the training data; no prediction)"
-        gate = f"  gate distance {prediction.gate_distance:.1f} (limit {predictor.gate_threshold:.1f})" if predictor.gate is not None else ""
+        gate = f"  gate distance {prediction.gate_distance:.2f} (limit {predictor.gate_threshold:.2f})" if predictor.has_gate else ""
         _log(f"{prediction.path}: {verdict}  {probs}{gate}")
     if study:
         label, probability, used = predictor.study(predictions)
@@ -342,16 +374,17 @@ def _study_line(label: str, probability: float, used: int, total: int, rule: dic
 def _predict_with_bundle(folder: Path, images: list[Path], study: bool = False) -> None:
     """The served model on image files: ONNX Runtime, with the input gate as the service applies it."""
     from covidscan.data.io import read_image
-    from covidscan.serve.predictor import Bundle
+    from covidscan.serve.predictor import load_bundle
 
-    bundle = Bundle(folder)
+    bundle = load_bundle(folder)
     results = []
     for path in images:
         result = bundle.analyse([read_image(path).pixels], heatmaps=False)[0]
         results.append(result)
         probs = "  ".join(f"P({name})={value:.3f}" for name, value in result.probabilities.items())
         verdict = result.label if result.in_distribution else "refused (unlike the training data; no prediction)"
-        _log(f"{path}: {verdict}  {probs}  gate distance {result.gate_distance:.1f} (limit {bundle.gate_threshold:.1f})")
+        members = f"  members: {', '.join(f'{k} {v:.3f}' for k, v in result.members.items())}" if result.members else ""
+        _log(f"{path}: {verdict}  {probs}  gate distance {result.gate_distance:.2f} (limit {bundle.gate_threshold:.2f}){members}")
     if study:
         label, probability, used = bundle.study(results)
         _study_line(label, probability, used, len(results), bundle.study_rule)
@@ -381,11 +414,13 @@ def export_command(
              f"max |Δp| {check['max_abs_probability_diff']:.3f}" + (f", AUC {check['auc_fp32']:.3f} -> {check['auc_int8']:.3f}" if "auc_int8" in check else ""))
     parity = card["parity"]
     assert isinstance(parity, dict)
-    shown = "; ".join(f"{k}: max |Δp| {v['max_abs_probability_diff']:.1e}, max |Δlogit| {v['max_abs_logit_diff']:.1e} on {v['images']} images"
+    shown = "; ".join(f"{k}: max |Δp| {v['max_abs_probability_diff']:.1e}"
+                      + (f", max |Δlogit| {v['max_abs_logit_diff']:.1e}" if "max_abs_logit_diff" in v else "") + f" on {v['images']} images"
                       for k, v in parity.items() if "max_abs_probability_diff" in v)
     if "gate" in parity:
         shown += f"; gate: max |Δdistance| {parity['gate']['max_abs_distance_diff']:.1e} on {parity['gate']['images']} images"
-    _log(f"wrote {bundle}/model.onnx, model.json, gate.npz (parity with PyTorch: {shown})")
+    what = "model.json and one bundle per member under members/" if card.get("kind") == "ensemble" else "model.onnx, model.json, gate.npz"
+    _log(f"wrote {bundle}: {what} (parity with PyTorch: {shown})")
     _log(f"serve it:  covidscan serve {bundle}")
 
 
@@ -404,7 +439,9 @@ def serve_command(
     """Serve the web page and REST API for an exported model (ONNX Runtime; no torch)."""
     from covidscan.serve.__main__ import run_server
 
-    if (bundle / "bundle" / "model.onnx").is_file():
+    from covidscan.serve.predictor import is_bundle
+
+    if is_bundle(bundle / "bundle"):
         bundle = bundle / "bundle"
     _log(f"covidscan service on http://{host}:{port}/  (API docs: /docs)  {DISCLAIMER}")
     run_server(str(bundle), host, port, max_upload_mb, api_key, cors_origin, 0, concurrency, read_timeout, max_connections)

@@ -39,6 +39,16 @@ class ModelConfig:
     weights: str = "imagenet"
     dropout: float = 0.25
     transfer: str = "fine"  # shallow | deep | fine
+    # DeTraC class decomposition: off | auto (k per class by silhouette over 2-4) | K | CLASS=K,CLASS=K
+    decompose: str = "off"
+
+
+@dataclass
+class EnsembleConfig:
+    """`covidscan train` with members trains each backbone on one shared split, then combines them."""
+
+    members: str = ""  # comma-separated backbones (a YAML list works too); empty: one network
+    method: str = "stacking"  # soft | weighted | stacking (fitted on validation predictions only)
 
 
 @dataclass
@@ -100,6 +110,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -126,6 +137,8 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
         except (TypeError, ValueError):
             pass
     elif kind is str:
+        if isinstance(value, list):  # e.g. ensemble.members: [vgg16, inception_v3]
+            return ",".join(str(v).strip() for v in value)
         return str(value)
     raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
 
@@ -177,6 +190,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
+ENSEMBLE_METHODS = ("soft", "weighted", "stacking")
 MIN_IMAGE_SIZE = 32  # five stride-2 stages leave a 1x1 feature map; smaller inputs break the backbones
 
 
@@ -221,6 +235,8 @@ def validate_config(config: RunConfig) -> None:
         raise ConfigError(f"evaluate.aggregate must be auto, mean, max or topk, got {e.aggregate!r}")
     if not 0.0 < e.prevalence < 1.0:
         raise ConfigError(f"evaluate.prevalence must be in (0, 1), got {e.prevalence}")
+    if config.ensemble.method not in ENSEMBLE_METHODS:
+        raise ConfigError(f"ensemble.method must be one of {list(ENSEMBLE_METHODS)}, got {config.ensemble.method!r}")
     if e.cam_method not in ("gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "scorecam"):
         raise ConfigError(f"evaluate.cam_method: unknown method {e.cam_method!r}")
 

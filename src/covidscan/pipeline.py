@@ -15,32 +15,23 @@ import torch
 
 from covidscan import DISCLAIMER, __version__, atomic
 from covidscan.config import RunConfig, save_config
-from covidscan.data.io import load_resized
+from covidscan.data.io import load_image_array
 from covidscan.data.manifest import class_names, image_refs, save_manifest
 from covidscan.data.split import leakage_report, leakage_threshold, split_manifest
 from covidscan.data.transforms import Normaliser
 from covidscan.errors import ConfigError, DataError
 from covidscan.decision import rule_name
 from covidscan.evaluate.evaluation import evaluate_run, fit_decision
+from covidscan.model_card import LabelSpace, ModelCard
 from covidscan.models.classifier import CovidClassifier
-from covidscan.models.embed import manifest_embeddings
+from covidscan.models.decompose import decompose_classes, parse_decompose
+from covidscan.models.embed import embed_array, manifest_embeddings
+from covidscan.predict import MODEL_CARD
 from covidscan.models.registry import get_backbone
-from covidscan.progress import track
 from covidscan.seed import seed_everything
 from covidscan.train.distributed import device_for, init_distributed
 from covidscan.train.engine import TensorData, fit
 
-MODEL_CARD = "model.json"
-
-
-def load_image_array(
-    refs: Sequence[tuple[str, int | None]], size: int, description: str = "loading images", show: bool = True
-) -> np.ndarray:
-    """Read and resize images (path, slice index) into one uint8 array (N, 1, size, size)."""
-    out = np.empty((len(refs), 1, size, size), np.uint8)
-    for i, (path, slice_index) in enumerate(track(refs, description, show)):
-        out[i, 0] = load_resized(path, size, slice_index)
-    return out
 
 
 def ordered_classes(frame: pd.DataFrame, positive: str) -> list[str]:
@@ -127,8 +118,18 @@ def train_run(
     )
 
     device = device_for(ctx, config.train.device)
-    model = CovidClassifier(config.model.backbone, len(classes), 1, config.model.dropout, config.model.weights).to(device)
     normaliser = Normaliser.for_backbone(spec)
+    labels, decomposition = LabelSpace.identity(classes), None
+    wanted = parse_decompose(config.model.decompose, classes)
+    if wanted:  # DeTraC: sub-classes from the pretrained backbone's features of the training images
+        probe = CovidClassifier(config.model.backbone, len(classes), 1, config.model.dropout, config.model.weights)
+        features = embed_array(probe, parts["train"].images.numpy(), normaliser, show=show_progress)
+        decomposition = decompose_classes(features, parts["train"].labels.numpy(), classes, wanted, config.train.seed)
+        labels = decomposition.labels
+        parts["train"] = TensorData(parts["train"].images, torch.from_numpy(decomposition.output_labels))
+        log("decomposed classes: " + ", ".join(f"{c} -> {v['sub_classes']} ({'/'.join(map(str, v['sizes']))} images)"  # type: ignore[index]
+                                              for c, v in decomposition.report["per_class"].items()))  # type: ignore[union-attr]
+    model = CovidClassifier(config.model.backbone, len(labels.outputs), 1, config.model.dropout, config.model.weights, parents=labels.parents).to(device)
     log(f"model: {spec.name} ({model.weights_source}), {size} px, transfer '{config.model.transfer}', device {device}")
     positive = len(classes) - 1
     result = fit(
@@ -152,7 +153,9 @@ def train_run(
         "data": data_summary(frame),
         "training": {k: v for k, v in result.items() if k != "history"},
     }
-    card = {
+    if decomposition is not None:
+        metrics["training"]["decomposition"] = decomposition.report  # type: ignore[index]
+    card: dict[str, object] = {
         "backbone": spec.name,
         "classes": classes,
         "positive_class": classes[positive],
@@ -167,27 +170,26 @@ def train_run(
         "covidscan_version": __version__,
         "intended_use": DISCLAIMER,
     }
+    if labels.is_decomposed:
+        card["labels"] = labels.to_json()
+        card["decomposition"] = decomposition.report  # type: ignore[union-attr]
     if not ctx.is_main:
         return metrics
+    card.update(deployed_decision(run_dir, ModelCard.from_json(card), frame, parts, classes, config, log))
     atomic.write_json(run_dir / MODEL_CARD, card)
-    card.update(deployed_decision(run_dir, frame, parts, classes, config, log))
-    atomic.write_json(run_dir / MODEL_CARD, card)
-    atomic.write_json(run_dir / "metrics.json", metrics)
-    metrics = evaluate_run(run_dir, externals, config.evaluate, show_progress, log)
-    metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
-    atomic.write_json(run_dir / "metrics.json", metrics)
-    return metrics
+    return evaluate_run(run_dir, externals, config.evaluate, show_progress, log, metrics=metrics, started=started)
 
 
 def deployed_decision(
-    run_dir: Path, frame: pd.DataFrame, parts: dict[str, TensorData], classes: list[str], config: RunConfig, log: Callable[[str], None]
+    run_dir: Path, card: ModelCard, frame: pd.DataFrame, parts: dict[str, TensorData], classes: list[str], config: RunConfig,
+    log: Callable[[str], None],
 ) -> dict[str, object]:
     """Input gate, calibration, operating points and study rule of the best model, from train/validation only."""
     from covidscan.evaluate.evaluation import fit_run_gate, gate_sample
     from covidscan.gate import save_gate
     from covidscan.predict import Predictor
 
-    predictor = Predictor(run_dir)  # the best checkpoint, on the CPU, as evaluation and export load it
+    predictor = Predictor(run_dir, card)  # the best checkpoint, on the CPU, as evaluation and export load it; card in memory
     val_images, train_images = parts["val"].images.cpu().numpy(), parts["train"].images.cpu().numpy()
     val_probs, val_stats = predictor.score(val_images, tta=config.evaluate.tta)  # one pass: probabilities and gate statistics
     train_stats = predictor.score(train_images[gate_sample(len(train_images))], tta=False)[1]
@@ -281,3 +283,45 @@ def cross_validate(
         summary[name] = {"mean": float(np.nanmean(values)), "sd": float(np.nanstd(values, ddof=1)) if len(values) > 1 else float("nan")}
     atomic.write_json(run_dir / "cv.json", summary)
     return summary
+
+
+def train_ensemble(
+    frame: pd.DataFrame,
+    config: RunConfig,
+    run_dir: str | Path,
+    show_progress: bool = True,
+    log: Callable[[str], None] = print,
+    externals: dict[str, pd.DataFrame] | None = None,
+) -> dict[str, object]:
+    """`ensemble.members` in one command: split once, train each backbone into RUN/members/<backbone>, combine.
+
+    Members are evaluated quickly on the test part (their own figures stay in
+    their folders); the ensemble gets the full evaluation, external sets included.
+    """
+    import copy
+
+    from covidscan.config import QUICK_EVALUATION, load_config
+    from covidscan.ensemble import build_ensemble
+
+    run_dir = Path(run_dir)
+    backbones = [b.strip() for b in config.ensemble.members.split(",") if b.strip()]
+    if len(backbones) < 2 or len(set(backbones)) < len(backbones):
+        raise ConfigError(f"ensemble.members needs at least two different backbones, got {backbones}")
+    for backbone in backbones:
+        get_backbone(backbone)  # unknown names fail before any training
+    frame, split_report = assign_splits(frame, config, str(run_dir / "manifest.csv"), show_progress, run_dir / "embeddings.npz")
+    quick = load_config(None, QUICK_EVALUATION).evaluate
+    members = []
+    for backbone in backbones:
+        member_config = copy.deepcopy(config)
+        member_config.model.backbone, member_config.ensemble.members = backbone, ""
+        member_config.evaluate = copy.deepcopy(quick)
+        for name in ("calibrate", "target_sensitivity", "target_specificity", "aggregate", "top_k", "tta", "prevalence"):
+            setattr(member_config.evaluate, name, getattr(config.evaluate, name))
+        log(f"--- member {backbone} ---")
+        member_dir = run_dir / "members" / backbone
+        if not (member_dir / "metrics.json").is_file():  # a member finished before an interruption is kept
+            train_run(frame, member_config, member_dir, show_progress=show_progress, log=log, split_report=split_report)
+        members.append(member_dir)
+    log(f"--- ensemble ({config.ensemble.method}) ---")
+    return build_ensemble(members, run_dir, config.ensemble.method, config.evaluate, show_progress, log, externals)

@@ -160,7 +160,8 @@ def export_model(
                    "preprocessing": "grayscale, bilinear resize to size x size (no crop), scaled to [0, 1]; normalisation is inside the graph"},
         "outputs": {"logits": "class scores (softmax(logits / temperature) = probabilities)", "features": "last feature map (CAM layer)",
                     "gate_features": f"log(1 + |mean, std|) per channel of '{model.gate_layer_name() or 'the last feature map'}' (input gate)"},
-        "cam": {"weights": model.head.weight.detach().numpy().round(7).tolist(), "method": "CAM = Grad-CAM for the GAP-linear head"},
+        "cam": {"weights": model.head.weight.detach().numpy().round(7).tolist(), "bias": model.head.bias.detach().numpy().round(7).tolist(),
+                "method": "CAM = Grad-CAM for the GAP-linear head" + ("; decomposed classes: sub-class rows weighted by their share of the class" if model.decomposed else "")},
         "gate": {**gate_card, "file": "gate.npz"},
         "parity": checks,
         **precision,
@@ -176,11 +177,16 @@ def export_model(
 def export_run(run_dir: str | Path, out_dir: str | Path, gate_images: int = 1024, int8: bool = False) -> dict[str, object]:
     """Export a run folder's best model; parity on its test images, gate from its train/val images."""
     from covidscan.data.manifest import image_refs, load_manifest
-    from covidscan.pipeline import load_image_array
-    from covidscan.predict import Predictor
+    from covidscan.data.io import load_image_array
+    from covidscan.ensemble import EnsemblePredictor
+    from covidscan.predict import Predictor, load_scorer
 
     run_dir = Path(run_dir)
-    predictor = Predictor(run_dir)
+    scorer = load_scorer(run_dir)
+    if isinstance(scorer, EnsemblePredictor):
+        return export_ensemble(scorer, out_dir, gate_images, int8)
+    assert isinstance(scorer, Predictor)
+    predictor = scorer
     frame = load_manifest(run_dir / "manifest.csv")
     rng = np.random.default_rng(0)
 
@@ -196,3 +202,45 @@ def export_run(run_dir: str | Path, out_dir: str | Path, gate_images: int = 1024
         test_images, images_of("train", gate_images)[0], images_of("val", gate_images)[0], int8=int8, check_labels=test_labels,
         run_gate=predictor.gate,
     )
+
+
+def export_ensemble(ensemble: object, out_dir: str | Path, gate_images: int = 1024, int8: bool = False) -> dict[str, object]:
+    """An ensemble bundle: each member exported (and checked) into OUT/members/<name>, the ensemble's card on top.
+
+    Parity: the torch-free EnsembleBundle against the PyTorch EnsemblePredictor on test images.
+    """
+    from covidscan.data.io import load_image_array
+    from covidscan.data.manifest import image_refs, load_manifest
+    from covidscan.decision import apply_temperature
+    from covidscan.ensemble import EnsemblePredictor
+    from covidscan.serve.predictor import EnsembleBundle
+
+    assert isinstance(ensemble, EnsemblePredictor)
+    out_dir = Path(out_dir)
+    staging = out_dir.with_name(f".{out_dir.name}.ensemble-staging")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    member_parity = {}
+    for spec in ensemble.model_card.members:
+        member_card = export_run(ensemble.folder / spec.folder, staging / spec.folder, gate_images, int8)
+        member_parity[spec.name] = member_card["parity"]
+    card = dict(ensemble.card)
+    card.update({"format": BUNDLE_FORMAT, "inputs": {"shape": ["batch", 1, ensemble.size, ensemble.size], "range": [0.0, 1.0],
+                 "preprocessing": "grayscale, bilinear resize to size x size (no crop); each member bundle normalises inside its graph"},
+                 "exported_with": f"covidscan {__version__}, torch {torch.__version__}", "intended_use": DISCLAIMER})
+    atomic.write_text(staging / "model.json", json.dumps(card, indent=1) + "\n")
+    frame = load_manifest(ensemble.folder / "manifest.csv")
+    rows = frame[frame["split"] == "test"].head(16)
+    images = load_image_array(image_refs(rows), ensemble.size, "loading test images", False)
+    reference = apply_temperature(ensemble.score(images)[0], ensemble.model_card.temperature)
+    served = EnsembleBundle(staging).analyse(list(images[:, 0]), heatmaps=False)
+    served_probs = np.array([[r.probabilities[c] for c in ensemble.classes] for r in served])
+    worst = float(np.abs(served_probs - reference).max()) if len(served) else 0.0
+    if worst > 1e-3 and not int8:
+        shutil.rmtree(staging)
+        raise CovidscanError(f"{out_dir}: the exported ensemble disagrees with PyTorch (max probability difference {worst:.2e})")
+    card["parity"] = {"real": {"images": int(len(served)), "max_abs_probability_diff": worst}, "members": member_parity}
+    atomic.write_text(staging / "model.json", json.dumps(card, indent=1) + "\n")
+    atomic.swap_folder(staging, out_dir)
+    return card

@@ -47,8 +47,19 @@ def build_imagenet_model(spec: BackboneSpec, weights: str = "imagenet") -> tuple
 
 
 def head_forward(dropout: nn.Module, head: nn.Module, features: torch.Tensor) -> torch.Tensor:
-    """Global average pool -> dropout -> linear."""
+    """Global average pool -> dropout -> linear: one score per network output."""
     return head(dropout(features.mean(dim=(2, 3))))
+
+
+def compose_logits(output_logits: torch.Tensor, membership: torch.Tensor) -> torch.Tensor:
+    """Class logits from sub-class logits: log-sum-exp over each class's sub-classes.
+
+    softmax(class logits) equals the sub-class softmax summed per class (DeTraC's
+    compose step), so probabilities, calibration, Grad-CAM and the exported
+    graph all see classes. `membership` (C, K) is 1 where output k belongs to class c.
+    """
+    masked = output_logits.float().unsqueeze(1) + (membership - 1.0) * 1e9
+    return torch.logsumexp(masked, dim=2)
 
 
 class HeadPath(nn.Module):
@@ -72,7 +83,9 @@ class CovidClassifier(nn.Module):
         in_chans: int = 1,
         dropout: float = 0.25,
         weights: str = "imagenet",
+        parents: tuple[int, ...] | None = None,
     ) -> None:
+        """`num_classes` outputs; with `parents` (class index of each output; DeTraC) the outputs are sub-classes."""
         super().__init__()
         self.spec = get_backbone(backbone_name)
         backbone, self.weights_source = build_imagenet_model(self.spec, weights)
@@ -85,6 +98,13 @@ class CovidClassifier(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(self.num_features, num_classes)
         self.frozen_backbone = False
+        self.parents = tuple(parents) if parents is not None else tuple(range(num_classes))
+        if len(self.parents) != num_classes:
+            raise ValueError(f"{len(self.parents)} parents for {num_classes} outputs")
+        self.decomposed = len(set(self.parents)) != num_classes
+        membership = torch.zeros(len(set(self.parents)), num_classes)
+        membership[torch.tensor(self.parents), torch.arange(num_classes)] = 1.0
+        self.register_buffer("membership", membership, persistent=False)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last feature map (N, C, h, w): the head's input and the CAM layer."""
@@ -101,11 +121,16 @@ class CovidClassifier(nn.Module):
         """The registered Grad-CAM layer, or the head's input when none is registered."""
         return _get_module(self.backbone, self.spec.cam_layer) if self.spec.cam_layer else self.feature_map
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return head_forward(self.dropout, self.head, features)
+    def compose(self, output_logits: torch.Tensor) -> torch.Tensor:
+        """Class logits from output logits (unchanged unless the classes are decomposed)."""
+        return compose_logits(output_logits, self.membership) if self.decomposed else output_logits
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward_head(self, features: torch.Tensor, composed: bool = True) -> torch.Tensor:
+        return self.compose(head_forward(self.dropout, self.head, features)) if composed else head_forward(self.dropout, self.head, features)
+
+    def forward(self, x: torch.Tensor, composed: bool = True) -> torch.Tensor:
+        """Class logits; `composed=False`: one logit per output (sub-classes when decomposed), for training."""
+        return self.forward_head(self.forward_features(x), composed)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features (N, C): for clustering, t-SNE and the input gate."""

@@ -41,7 +41,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from covidscan import DISCLAIMER
 from covidscan.data.io import ImageReadError, iter_image_bytes, sniff_kind
 from covidscan.explain.overlay import colorize, png_bytes
-from covidscan.serve.predictor import Bundle, SliceResult
+from covidscan.serve.predictor import EnsembleBundle, Bundle, SliceResult, load_bundle
 
 log = logging.getLogger("covidscan.serve")
 
@@ -76,6 +76,7 @@ class SliceOut(BaseModel):
     gate_distance: float = Field(description="Distance from the training images (Mahalanobis); refused above the bundle's threshold.")
     image_png: str | None = Field(None, description="What the model saw (resized gray), PNG base64.")
     heatmap_png: str | None = Field(None, description="Class activation map, RGBA PNG base64 (alpha = heat), same size.")
+    member_probabilities: dict[str, float] | None = Field(None, description="Ensembles: each member network's probability of the positive class.")
 
 
 class StudyOut(BaseModel):
@@ -186,7 +187,7 @@ def _heat_rgba(heat: np.ndarray) -> np.ndarray:
     return np.concatenate([rgb, alpha], axis=2)
 
 
-def _study(results: list[SliceResult], bundle: Bundle) -> StudyOut:
+def _study(results: list[SliceResult], bundle: Bundle | EnsembleBundle) -> StudyOut:
     """The model card's study rule (chosen on validation patients, the one the report evaluates)."""
     from covidscan.decision import rule_name
 
@@ -231,7 +232,7 @@ def create_app(
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
 ) -> FastAPI:
     """The service for one bundle. CORS stays off unless origins are given."""
-    bundle = Bundle(bundle_dir, threads=threads)
+    bundle = load_bundle(bundle_dir, threads=threads)
     bundle.warm_up()
     app = FastAPI(
         title="covidscan",
@@ -362,6 +363,7 @@ def create_app(
                 index=i, label=r.label, probabilities=r.probabilities, in_distribution=r.in_distribution, gate_distance=r.gate_distance,
                 image_png=_b64png(r.image) if heatmap and r.image is not None and i in shown else None,
                 heatmap_png=_b64png(_heat_rgba(r.heatmap)) if heatmap and r.heatmap is not None and i in shown else None,
+                member_probabilities=r.members,
             )
             for i, r in enumerate(results)
         ]

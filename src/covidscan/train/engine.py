@@ -69,7 +69,7 @@ def predict_proba(
         with _autocast(device):
             logits = model(batch)
         out.append(logits.float().softmax(1).cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, model.head.out_features), np.float32)
+    return torch.cat(out).numpy() if out else np.zeros((0, int(model.membership.shape[0])), np.float32)
 
 
 def _class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -140,7 +140,7 @@ def _train_one_epoch(
                     features = model.forward_features(batch)
                 logits = runner(features)
             else:
-                logits = runner(batch)
+                logits = runner(batch, composed=False)  # one logit per output: sub-classes when decomposed
             loss = F.cross_entropy(logits.float(), target, weight=loss_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -175,6 +175,9 @@ def fit(
     ctx: Dist = Dist(),
 ) -> dict[str, object]:
     """Train with early stopping on validation loss; leave the best weights in `model`.
+
+    `train` labels index the model's outputs (sub-classes when decomposed);
+    `val` labels index classes: validation scores the composed probabilities.
 
     Under DDP (`ctx.enabled`) only rank 0 writes files; all ranks validate on
     the full validation set and so take the same early-stopping decisions.
