@@ -454,9 +454,12 @@ def models_command() -> None:
 
     for spec in list_backbones():
         _log(f"{spec.name}  {spec.input_size} px  CAM layer '{spec.cam_layer}'  {spec.notes}")
+        _log(f"    offline: {spec.offline_weights}")
         for source in spec.weight_sources:
             _log(f"    weights: {source}")
     _log("Any other timm model name works too, with --set model.weights=FILE (a local weights file) or --set model.weights=hub (online).")
+    _log("Ensembles: configs/seed-stacking.yaml (VGG16 + InceptionV3 + DenseNet201; hub weights online, random offline) and "
+         "configs/lite-stacking.yaml (EfficientNet-Lite0/1/2; packaged ImageNet weights, offline). Each member's source is in its model card.")
 
 
 @app.command("demo")

@@ -25,7 +25,7 @@ from covidscan.model_card import ENSEMBLE, NETWORK, ModelCard, read_model_card
 from covidscan.predict import MODEL_CARD, DeployedScorer, Predictor
 
 GATE_RULE = "every member's input gate must accept the image (distance / member threshold <= 1)"
-MEMBER_FILES = ("model.json", "gate.npz", "config.yaml", "metrics.json", "checkpoints/best.safetensors")
+MEMBER_FILES = ("model.json", "gate.npz", "config.yaml", "metrics.json", "manifest.csv", "history.jsonl", "checkpoints/best.safetensors")
 
 
 class EnsemblePredictor(DeployedScorer):

@@ -374,11 +374,44 @@ def _deployed_html(evaluation: dict[str, object]) -> str:
     )
 
 
+def _model_html(metrics: dict[str, object], config: RunConfig) -> str:
+    """What the model is: one network, a decomposed one (DeTraC sub-classes) or an ensemble, with each weight source."""
+    card = metrics.get("model_card") or {}
+    training = metrics.get("training") or {}
+    assert isinstance(card, dict) and isinstance(training, dict)
+    members, combiner, decomposition = card.get("members"), card.get("combiner") or {}, card.get("decomposition")
+    if members:
+        rows = "".join(f"<tr><td>{_e(m['name'])}</td><td>{_e(m.get('backbone'))}</td><td>{_e(m.get('pretrained_from'))}</td>"
+                       f"<td>{_fmt(float(m.get('weight', math.nan)))}</td></tr>" for m in members)  # type: ignore[union-attr]
+        seconds = (training.get("ensemble") or {}).get("member_training_seconds", {})  # type: ignore[union-attr]
+        return ('<section id="model"><h2>Model: an ensemble of members</h2>'
+                f"<p>Combiner: <strong>{_e(combiner.get('method'))}</strong>, fitted on the {_e(combiner.get('fitted_on'))} "  # type: ignore[union-attr]
+                f"(validation log loss {_e(combiner.get('validation_log_loss'))}); no test prediction reaches the fit. "  # type: ignore[union-attr]
+                "An image is accepted only when every member's input gate accepts it; the heat map is the weighted mean of the members' maps.</p>"
+                '<table class="text"><tr><th>Member</th><th>Backbone</th><th>Weights it started from</th><th>Heat-map weight</th></tr>'
+                f"{rows}</table><p>Members' training time (s): {_e(', '.join(f'{k} {v}' for k, v in seconds.items()))}.</p></section>")
+    text = f"{_e(config.model.backbone)}, started from {_e(config.model.weights)} weights, transfer '{_e(config.model.transfer)}'."
+    if isinstance(decomposition, dict):
+        per_class = decomposition.get("per_class") or {}
+        assert isinstance(per_class, dict)
+        parts = "; ".join(f"{_e(c)}: {v['sub_classes']} sub-classes of {'/'.join(map(str, v['sizes']))} training images" for c, v in per_class.items())
+        text += (f" <strong>Class decomposition (DeTraC)</strong>: {parts} ({_e(decomposition.get('method'))}; {_e(decomposition.get('k_choice'))}). "
+                 "The network learnt the sub-classes; their probabilities are summed per class for every decision, metric, calibration and heat map.")
+    return f'<section id="model"><h2>Model</h2><p>{text}</p></section>'
+
+
 def _provenance_html(data: dict[str, object]) -> str:
     provenance = data.get("provenance") or {}
     assert isinstance(provenance, dict)
     rows = "".join(f"<tr><td>{_e(source)}</td><td>{_e(p['description'])}</td></tr>" for source, p in provenance.items())
     return f'<table class="text"><tr><th>Source</th><th>Origin</th></tr>{rows}</table>' if rows else ""
+
+
+def _backbone_line(metrics: dict[str, object], config: RunConfig) -> str:
+    members = (metrics.get("model_card") or {}).get("members")  # type: ignore[union-attr]
+    if members:
+        return "ensemble of " + ", ".join(f"{m['backbone']} ({m.get('pretrained_from')})" for m in members)
+    return f"{config.model.backbone} ({config.model.weights} weights, transfer '{config.model.transfer}')"
 
 
 def _model_card_html(
@@ -424,7 +457,7 @@ def _model_card_html(
         f"<tr><td>Intended use</td><td>{_e(metrics['decision_support'])} A second reader for adult chest CT slices and studies, "
         f"beside a radiologist's own reading; not a stand-alone test, not for children, not validated prospectively. "
         f"Offered operating points: {_e(', '.join(points))}; a high-sensitivity point flags slices for a closer look, it does not rule disease out.</td></tr>"
-        f"<tr><td>Backbone</td><td>{_e(config.model.backbone)} ({_e(config.model.weights)} weights, transfer '{_e(config.model.transfer)}')</td></tr>"
+        f"<tr><td>Model</td><td>{_e(_backbone_line(metrics, config))}</td></tr>"
         f"<tr><td>Input</td><td>{config.data.image_size or 'backbone default'} px grey, classes {_e(', '.join(classes))} (positive: {_e(classes[-1])})</td></tr>"
         f"<tr><td>Training data</td><td>{training}</td></tr>"
         f"<tr><td>External results</td><td>{external_line}</td></tr>"
@@ -520,8 +553,9 @@ Model selection, early stopping, calibration, operating points, study rule and g
 {_leakage_html(split)}</section>
 <section id="details"><h2>Results per evaluation set</h2>{"".join(_set_section(n, r, classes, run_dir, i) for i, (n, r) in enumerate(sets.items()))}</section>
 <section id="tsne"><h2>Embedding map (t-SNE)</h2>{tsne_html or "<p>Not computed.</p>"}</section>
+{_model_html(metrics, config)}
 <section id="training"><h2>Training</h2>{_loss_svg(history, int(metrics['training'].get('best_epoch') or 0))}
-<p>Best epoch {metrics['training']['best_epoch']} of {metrics['training']['epochs_run']} (lowest validation loss).</p></section>
+<p>{f"Best epoch {metrics['training']['best_epoch']} of {metrics['training']['epochs_run']} (lowest validation loss)." if 'best_epoch' in metrics['training'] else "Trained as members (see Model)."}</p></section>
 {_model_card_html(metrics, evaluation, config, classes, externals)}
 </body></html>
 """

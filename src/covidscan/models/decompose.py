@@ -17,7 +17,7 @@ from covidscan.model_card import LabelSpace
 
 AUTO_RANGE = (2, 3, 4)  # k tried per class when decompose=auto, chosen by silhouette
 PCA_VARIANCE = 0.95
-MIN_PER_SUBCLASS = 8  # a sub-class smaller than this is merged away (k is lowered)
+MIN_PER_SUBCLASS = 5  # a class is split into k only when it has at least 5k training images
 
 
 @dataclass(frozen=True)

