@@ -34,6 +34,8 @@ ENSEMBLES = {
     "seed": ["vgg16", "inception_v3", "densenet201"],
 }
 METHODS = ("soft", "weighted", "stacking")
+PLAN = ([("single", b) for b in SINGLES[:5]] + [("ensemble", "lite")] + [("detrac", b) for b in DECOMPOSED[:4]]
+        + [("single", "densenet201"), ("single", "vgg16"), ("ensemble", "seed")] + [("detrac", b) for b in DECOMPOSED[4:]])
 COVIDSCAN = str(Path(sys.executable).with_name("covidscan"))
 
 
@@ -163,16 +165,14 @@ def main() -> None:
     parser.add_argument("--set", dest="extra", action="append", default=[], help="extra overrides for every training run")
     parser.add_argument("--latency-image", type=Path, default=None, help="an image for the ensembles' serving latency")
     args = parser.parse_args()
-    if args.train:
-        for backbone in SINGLES:
-            train(args.zoo, args.manifest, args.external, backbone, False, args.extra)
-        for name, members in ENSEMBLES.items():
-            for method in METHODS:
-                ensemble(args.zoo, name, members, method)
+    if args.train:  # cheapest and most telling first: a CPU session may end before the last random-init runs
         skip = set(filter(None, args.skip_decomposed.split(",")))
-        for backbone in DECOMPOSED:
-            if backbone not in skip:
-                train(args.zoo, args.manifest, args.external, backbone, True, args.extra)
+        for kind, item in PLAN:
+            if kind == "ensemble":
+                for method in METHODS:
+                    ensemble(args.zoo, str(item), ENSEMBLES[str(item)], method)
+            elif not (kind == "detrac" and item in skip):
+                train(args.zoo, args.manifest, args.external, str(item), kind == "detrac", args.extra)
     print(table(args.zoo, args.latency_image))
 
 
