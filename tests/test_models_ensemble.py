@@ -108,6 +108,9 @@ def test_decomposed_network_trains_evaluates_exports_and_serves(two_members: tup
     card = json.loads((run / "model.json").read_text())
     assert card["labels"]["outputs"] == ["non-COVID/1", "non-COVID/2", "COVID/1", "COVID/2"]
     assert sum(sum(v["sizes"]) for v in card["decomposition"]["per_class"].values()) == card["training_data"]["by_split"]["train"]["images"]
+    assignment = pd.read_csv(run / "decomposition.csv", keep_default_na=False)
+    assert len(assignment) == card["training_data"]["by_split"]["train"]["images"] and "patient_id" not in assignment.columns
+    assert (assignment["sub_class"].str.split("/").str[0] == assignment["label"]).all()
     metrics = json.loads((run / "metrics.json").read_text())
     assert "auc" in metrics["evaluation"]["sets"]["in-domain test"]["metrics"] and metrics["model_card"]["decomposition"]
     scorer = load_scorer(run)

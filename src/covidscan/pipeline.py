@@ -127,6 +127,11 @@ def train_run(
         decomposition = decompose_classes(features, parts["train"].labels.numpy(), classes, wanted, config.train.seed)
         labels = decomposition.labels
         parts["train"] = TensorData(parts["train"].images, torch.from_numpy(decomposition.output_labels))
+        if ctx.is_main:  # the assignment itself, for review (image paths only, no patient IDs)
+            rows = frame.loc[frame["split"] == "train", [c for c in ("path", "slice_index", "label") if c in frame.columns]].copy()
+            rows["sub_class"] = [labels.outputs[i] for i in decomposition.output_labels]
+            atomic.write_with(run_dir / "decomposition.csv", lambda tmp: rows.to_csv(tmp, index=False))
+            decomposition.report["assignment"] = "decomposition.csv"
         log("decomposed classes: " + ", ".join(f"{c} -> {v['sub_classes']} ({'/'.join(map(str, v['sizes']))} images)"  # type: ignore[index]
                                               for c, v in decomposition.report["per_class"].items()))  # type: ignore[union-attr]
     model = CovidClassifier(config.model.backbone, len(labels.outputs), 1, config.model.dropout, config.model.weights, parents=labels.parents).to(device)
