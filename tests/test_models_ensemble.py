@@ -218,3 +218,34 @@ def test_stacking_never_sees_test_labels_and_members_must_share_a_split(two_memb
     manifest.to_csv(copies[1] / "manifest.csv", index=False)
     with pytest.raises(DataError, match="share one split; 1 images differ.*test in .*train in"):
         build_ensemble(copies, tmp_path / "refused", "soft", show=False, log=lambda m: None)
+
+
+# --- adaptation to a new hospital (AdaBN) ------------------------------------------------------------------------
+def test_adabn_adapts_batch_norm_refits_the_gate_on_the_new_hospital_and_resets_calibration(tiny_run: Path, tmp_path: Path) -> None:
+    from covidscan.adapt import adapt_run
+    from covidscan.data.io import load_image_array
+    from covidscan.data.manifest import image_refs
+    from covidscan.data.phantom import PhantomSpec, generate_phantom_dataset
+    from covidscan.data.sources import index_folder
+    from covidscan.predict import Predictor
+
+    other = index_folder(generate_phantom_dataset(tmp_path / "b", PhantomSpec(patients_per_class=6, slices_per_patient=4, image_size=48, seed=3, scanner="B")))
+    with pytest.raises(DataError, match="at least 32"):
+        adapt_run(tiny_run, other.head(10), tmp_path / "few", "hospital-b", show=False, log=lambda m: None)
+    adapt_run(tiny_run, other, tmp_path / "adapted", "hospital-b", show=False, log=lambda m: None)
+    source, adapted = Predictor(tiny_run), Predictor(tmp_path / "adapted")
+    means = [[m.running_mean.clone() for m in p.model.modules() if isinstance(m, torch.nn.BatchNorm2d)] for p in (source, adapted)]
+    assert len(means[0]) > 5 and all(not torch.allclose(a, b) for a, b in zip(*means))
+    assert [p.numel() for p in adapted.model.parameters()] == [p.numel() for p in source.model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(source.model.parameters(), adapted.model.parameters()))  # no weight changed
+    card = json.loads((tmp_path / "adapted" / "model.json").read_text())
+    assert card["adaptation"]["unlabelled_images"] == len(other) and card["calibration"]["temperature"] == 1.0
+    assert card["calibration"]["operating_points"] == {"default": 0.5} and "hospital-b" in card["gate"]["fitted_on"]
+    # new images of the same hospital (other patients), as the adapted model will meet them
+    fresh = index_folder(generate_phantom_dataset(tmp_path / "b2", PhantomSpec(patients_per_class=6, slices_per_patient=4, image_size=48, seed=4, scanner="B")))
+    images = load_image_array(image_refs(fresh), 48, show=False)
+    refused_before = (source.gate_distances(source.score(images)[1]) > source.gate_threshold).mean()
+    refused_after = (adapted.gate_distances(adapted.score(images)[1]) > adapted.gate_threshold).mean()
+    assert refused_after < refused_before and refused_after <= 0.25  # the new hospital's images are now the accepted kind
+    metrics = json.loads((tmp_path / "adapted" / "metrics.json").read_text())
+    assert metrics["model_card"]["adaptation"]["method"].startswith("AdaBN") and "Adapted" in (tmp_path / "adapted" / "report.html").read_text()

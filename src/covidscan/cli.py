@@ -235,6 +235,22 @@ def ensemble_command(
     console.print(DISCLAIMER, style="italic", markup=False)
 
 
+@app.command("adapt")
+def adapt_command(
+    run: Annotated[Path, typer.Argument(help="Run folder of a trained network.")],
+    unlabelled: Annotated[Path, typer.Argument(help="Manifest of the new hospital's images (labels, if any, are not used).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Adapted run folder to create.")],
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Adapt a model to a new hospital's unlabelled images (AdaBN); the gate is refitted there, calibration reset."""
+    from covidscan.adapt import adapt_run
+    from covidscan.data.manifest import load_manifest
+
+    metrics = adapt_run(run, load_manifest(unlabelled), out, unlabelled.stem, not quiet, _log)
+    _print_summary(metrics, out)
+    console.print(DISCLAIMER, style="italic", markup=False)
+
+
 @app.command("evaluate")
 def evaluate_command(
     run: Annotated[Path, typer.Argument(help="Run folder from `covidscan train` or `make demo`.")],

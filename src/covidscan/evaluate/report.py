@@ -397,6 +397,11 @@ def _model_html(metrics: dict[str, object], config: RunConfig) -> str:
         parts = "; ".join(f"{_e(c)}: {v['sub_classes']} sub-classes of {'/'.join(map(str, v['sizes']))} training images" for c, v in per_class.items())
         text += (f" <strong>Class decomposition (DeTraC)</strong>: {parts} ({_e(decomposition.get('method'))}; {_e(decomposition.get('k_choice'))}). "
                  "The network learnt the sub-classes; their probabilities are summed per class for every decision, metric, calibration and heat map.")
+    adaptation = card.get("adaptation")
+    if isinstance(adaptation, dict):
+        text += (f" <strong>Adapted</strong> to {adaptation.get('unlabelled_images')} unlabelled images of {_e(adaptation.get('data'))} "
+                 f"({_e(adaptation.get('method'))}, from run {_e(adaptation.get('source_run'))}): the input gate was refitted on those images "
+                 "and calibration and thresholds reset to 0.5, as no labelled image of that hospital was used.")
     return f'<section id="model"><h2>Model</h2><p>{text}</p></section>'
 
 

@@ -1,0 +1,121 @@
+"""Test-time adaptation to a new hospital from its unlabelled images (AdaBN).
+
+A network trained on one hospital normalises every feature map with that
+hospital's batch-norm statistics; on another scanner, protocol or image
+source the statistics are off and so are the outputs. AdaBN re-estimates the
+statistics on the new hospital's unlabelled images; nothing else changes.
+The adapted run is a new run folder: its input gate is refitted on the new
+hospital's images (what it accepts is now *that* hospital's kind of image),
+and its calibration and operating points are reset to the plain 0.5 decision,
+since no labelled image of the new hospital exists to fit them on.
+"""
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from covidscan import atomic
+from covidscan.errors import CovidscanError, DataError
+from covidscan.model_card import NETWORK
+
+RUN_FILES = ("config.yaml", "manifest.csv", "metrics.json", "history.jsonl", "embeddings.npz")
+MIN_IMAGES = 32  # fewer unlabelled images give batch-norm statistics too noisy to trust
+
+
+@torch.no_grad()
+def adabn(model: nn.Module, images: np.ndarray, normaliser: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 64) -> int:
+    """Replace every BatchNorm layer's running statistics with those of `images` (uint8 (N, 1, S, S)); returns the layer count.
+
+    Cumulative averages (momentum None) over all images, in training mode for
+    the BatchNorm layers only (dropout stays off).
+    """
+    from covidscan.data.transforms import to_float
+
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    model.eval()
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None
+        layer.train()
+    backbone = getattr(model, "backbone", model)
+    for start in range(0, len(images), batch_size):
+        batch = normaliser(to_float(torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))))
+        backbone.forward_features(batch) if hasattr(backbone, "forward_features") else backbone(batch)
+    for layer in layers:
+        layer.momentum = 0.1
+    model.eval()
+    return len(layers)
+
+
+def _halves(frame: pd.DataFrame, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Rows for the gate's reference and rows for its threshold: whole patients (or images) on each side."""
+    keys = frame["patient_id"].astype(str).to_numpy() if "patient_id" in frame.columns else np.full(len(frame), "")
+    keys = np.where(keys == "", np.arange(len(frame)).astype(str), keys)
+    names = np.unique(keys)
+    held = set(np.random.default_rng(seed).choice(names, max(1, len(names) // 5), replace=False))
+    mask = np.array([k in held for k in keys])
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
+def adapt_run(run_dir: str | Path, unlabelled: pd.DataFrame, out: str | Path, name: str, show: bool = True,
+              log: Callable[[str], None] = print) -> dict[str, object]:
+    """AdaBN-adapt the run's network to `unlabelled` images (labels, if any, are ignored); write and evaluate OUT."""
+    from covidscan.data.io import load_image_array
+    from covidscan.data.manifest import image_refs
+    from covidscan.decision import DEFAULT_STUDY_RULE
+    from covidscan.evaluate.evaluation import evaluate_run, fit_run_gate, gate_sample
+    from covidscan.gate import save_gate
+    from covidscan.predict import MODEL_CARD, Predictor
+    from covidscan.train.checkpoint import save_checkpoint
+
+    run_dir, out = Path(run_dir), Path(out)
+    source = Predictor(run_dir)
+    if source.model_card.kind != NETWORK:
+        raise CovidscanError(f"{run_dir}: adapt works on one network; adapt each member of an ensemble, then combine them again")
+    if len(unlabelled) < MIN_IMAGES:
+        raise DataError(name, f"{len(unlabelled)} unlabelled images; AdaBN needs at least {MIN_IMAGES} to estimate batch-norm statistics")
+    if out.exists() and any(out.iterdir()):
+        raise CovidscanError(f"{out}: folder exists and is not empty; choose another -o")
+    images = load_image_array(image_refs(unlabelled), source.size, f"loading {name}", show)
+    staging = out.with_name(f".{out.name}.staging")
+    if staging.exists():
+        shutil.rmtree(staging)
+    (staging / "checkpoints").mkdir(parents=True)
+    for item in RUN_FILES:
+        if (run_dir / item).is_file():
+            shutil.copyfile(run_dir / item, staging / item)
+    if (run_dir / "external").is_dir():
+        shutil.copytree(run_dir / "external", staging / "external")
+    model = source.model
+    layers = adabn(model, images, source.normaliser)
+    if layers == 0:
+        raise CovidscanError(f"{run_dir}: the network has no batch-norm layer; AdaBN cannot adapt it")
+    save_checkpoint(staging / "checkpoints" / "best.safetensors", model, {"adapted": "AdaBN"})
+    reference, threshold = _halves(unlabelled)
+    adapted = Predictor(staging, source.model_card.with_fields(gate=None))
+    stats = adapted.score(images, tta=False)[1]
+    arrays, gate_card = fit_run_gate(stats[reference][gate_sample(len(reference))], stats[threshold][gate_sample(len(threshold))])
+    gate_card["fitted_on"] = f"{name}: unlabelled images of the new hospital ({len(reference)} reference, {len(threshold)} for the threshold, whole patients apart)"
+    save_gate(arrays, staging / "gate.npz")
+    card = source.card
+    card.update({
+        "weights": "checkpoints/best.safetensors",
+        "gate": gate_card,
+        "calibration": {"temperature": 1.0, "kept": False, "method": "none", "operating_points": {"default": 0.5},
+                        "reason": "reset by adaptation: no labelled image of the new hospital to fit a temperature or thresholds on; "
+                                  "the source hospital's no longer apply"},
+        "study_rule": {**DEFAULT_STUDY_RULE, "chosen_on": "default: reset by adaptation (no labelled patients of the new hospital)"},
+        "adaptation": {"method": "AdaBN (batch-norm statistics re-estimated; no weight changed)", "batch_norm_layers": layers,
+                       "unlabelled_images": int(len(images)), "data": name, "source_run": run_dir.name},
+    })
+    atomic.write_json(staging / MODEL_CARD, card)
+    atomic.swap_folder(staging, out)
+    log(f"adapted {run_dir} to {len(images)} unlabelled images of {name} (AdaBN, {layers} batch-norm layers) -> {out}; "
+        f"gate refitted (threshold {float(gate_card['threshold']):.1f}), calibration reset")
+    return evaluate_run(out, None, None, show, log)
