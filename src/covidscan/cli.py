@@ -332,7 +332,10 @@ def cv_command(
 
     if out.exists() and any(out.iterdir()):
         raise CovidscanError(f"{out}: folder exists and is not empty; choose another --out")
-    summary = cross_validate(load_manifest(manifest), load_config(config, set_), out, folds, not quiet, _log)
+    cfg = load_config(config, set_)
+    if cfg.ensemble.members:
+        raise CovidscanError("cv trains one network per fold; drop ensemble.members (cross-validate each backbone, then combine with `covidscan ensemble`)")
+    summary = cross_validate(load_manifest(manifest), cfg, out, folds, not quiet, _log)
     shown = ", ".join(f"{k} {summary[k]['mean']:.3f} ± {summary[k]['sd']:.3f}" for k in CV_METRICS)  # type: ignore[index]
     _log(f"{summary['folds']}-fold CV (mean ± SD over folds): {shown}\n-> {out / 'cv.json'}")
 

@@ -314,7 +314,10 @@ def train_ensemble(
         raise ConfigError(f"ensemble.members needs at least two different backbones, got {backbones}")
     for backbone in backbones:
         get_backbone(backbone)  # unknown names fail before any training
+    run_dir.mkdir(parents=True, exist_ok=True)
     frame, split_report = assign_splits(frame, config, str(run_dir / "manifest.csv"), show_progress, run_dir / "embeddings.npz")
+    save_config(config, run_dir / "config.yaml")  # `covidscan train --resume RUN` continues from here
+    save_manifest(frame, run_dir / "manifest.csv")
     quick = load_config(None, QUICK_EVALUATION).evaluate
     members = []
     for backbone in backbones:
@@ -326,7 +329,8 @@ def train_ensemble(
         log(f"--- member {backbone} ---")
         member_dir = run_dir / "members" / backbone
         if not (member_dir / "metrics.json").is_file():  # a member finished before an interruption is kept
-            train_run(frame, member_config, member_dir, show_progress=show_progress, log=log, split_report=split_report)
+            resume = (member_dir / "checkpoints" / "last.safetensors").is_file()  # an interrupted one continues exactly
+            train_run(frame, member_config, member_dir, resume=resume, show_progress=show_progress, log=log, split_report=split_report)
         members.append(member_dir)
     log(f"--- ensemble ({config.ensemble.method}) ---")
     return build_ensemble(members, run_dir, config.ensemble.method, config.evaluate, show_progress, log, externals)
