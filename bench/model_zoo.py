@@ -145,7 +145,7 @@ def table(zoo: Path, image: Path | None) -> str:
             "ucsd-covid-ct AUC": _ci(ucsd, "auc") if ucsd else "n/a",
             "refused (test / ucsd)": f"{test['gate']['refused']} / {ucsd['gate']['refused'] if ucsd else 'n/a'}",
             "training s": seconds,
-            "serve p50 ms": f"{serve_latency(run, image):.1f}" if image is not None and members else "",
+            "serve p50 ms": f"{serve_latency(run, image):.1f}" if image is not None and (members or run == best_run) else "",
         })
     return markdown_table(rows)
 
