@@ -34,7 +34,7 @@ def server(tiny_bundle: Path) -> Iterator[str]:
     thread.join(10)
 
 
-def test_upload_shows_the_result_card_with_heat_map_and_disclaimer(server: str, tiny_run: Path, tmp_path: Path) -> None:
+def test_upload_shows_the_result_card_with_heat_map_and_disclaimer(server: str, tiny_run: Path, tiny_bundle: Path, tmp_path: Path) -> None:
     import pandas as pd
     from playwright.sync_api import sync_playwright
     from skimage import data
@@ -49,6 +49,13 @@ def test_upload_shows_the_result_card_with_heat_map_and_disclaimer(server: str, 
         page = browser.new_page(viewport={"width": 1100, "height": 1200})
         page.goto(server + "/")
         assert page.get_by_role("button", name="Analyse").is_disabled()
+        # the banner names the model card's training data (here synthetic phantoms), never a fixed claim
+        page.wait_for_function("document.getElementById('provenance').textContent.includes('trained on')", timeout=10000)
+        import json
+
+        origins = [p["description"] for p in json.loads((tiny_bundle / "model.json").read_text())["training_data"]["provenance"].values()]
+        assert origins and all(o in (page.text_content("#provenance") or "") for o in origins)
+        assert "public research data" not in (page.text_content("header") or "")
         page.get_by_label("Image files").set_input_files(covid)
         page.get_by_role("button", name="Analyse").click()
         page.wait_for_selector("#result:not([hidden])", timeout=30000)
