@@ -92,3 +92,22 @@ def test_dicom_acquisition_fields_become_manifest_columns_for_subgroups(tmp_path
     assert by_label.loc["non-COVID", "manufacturer"] == "Other Corp" and by_label.loc["non-COVID", "slice_thickness"] == "1.25"
     assert by_label.loc["COVID", "scanner"] == "Model 1"
     assert FAKE_PATIENT_NAME not in frame.to_csv() and "19700101" not in frame.to_csv()
+
+
+def test_extension_less_dicom_from_a_pacs_export_is_found_and_read_by_its_content(tmp_path: Path) -> None:
+    """PACS exports name slices IM0001 or by UID, without .dcm: they were skipped ('no images found')."""
+    from covidscan.data.sources import index_folder
+
+    stored = np.arange(16, dtype=np.int16).reshape(4, 4) * 50
+    write_dicom(tmp_path / "COVID" / "p1" / "IM0001", stored, patient_id="A")
+    write_dicom(tmp_path / "COVID" / "p1" / "1.2.840.113619.2.55.3", stored, patient_id="A")
+    write_dicom(tmp_path / "non-COVID" / "p2" / "IM0001", stored, patient_id="B")
+    (tmp_path / "non-COVID" / "p2" / "DICOMDIR").write_bytes(bytes(128) + b"DICM" + bytes(64))  # an index, not an image
+    (tmp_path / "non-COVID" / "p2" / "notes").write_text("not an image")
+    frame = index_folder(tmp_path)
+    assert sorted(Path(p).name for p in frame["path"]) == ["1.2.840.113619.2.55.3", "IM0001", "IM0001"]
+    assert FAKE_PATIENT_NAME not in frame.to_csv()
+    image = cio.read_image(tmp_path / "COVID" / "p1" / "IM0001")
+    assert image.pixels.shape == (4, 4) and image.meta.get("modality") == "CT"
+    with pytest.raises(ImageReadError, match="unsupported file type"):
+        cio.read_image(tmp_path / "non-COVID" / "p2" / "notes")

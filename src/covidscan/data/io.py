@@ -55,8 +55,28 @@ def _suffix(path: Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
 
+def has_dicom_preamble(path: Path) -> bool:
+    """A DICOM Part 10 file by its content ('DICM' after the 128-byte preamble): PACS exports often have no extension."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def is_dicom_file(path: Path) -> bool:
+    """A .dcm/.dicom file, or a file of any other non-image name whose content is DICOM (not a DICOMDIR index)."""
+    suffix = _suffix(path)
+    if suffix in DICOM_SUFFIXES:
+        return True
+    return suffix not in IMAGE_SUFFIXES and path.name.upper() != "DICOMDIR" and has_dicom_preamble(path)
+
+
 def is_image_file(path: Path) -> bool:
-    return _suffix(path) in IMAGE_SUFFIXES and not path.name.startswith(".")
+    if path.name.startswith("."):
+        return False
+    return _suffix(path) in IMAGE_SUFFIXES or is_dicom_file(path)
 
 
 def is_volume_file(path: Path) -> bool:
@@ -348,10 +368,10 @@ def read_image(path: str | Path, frame: int | None = None, max_pixels: int = MAX
     if path.stat().st_size == 0:
         raise ImageReadError(path, "file is empty (0 bytes)")
     suffix = _suffix(path)
-    if suffix not in IMAGE_SUFFIXES:
-        raise ImageReadError(path, f"unsupported file type {suffix!r}; expected one of {sorted(IMAGE_SUFFIXES)}")
-    if suffix in DICOM_SUFFIXES:
+    if is_dicom_file(path):
         return read_dicom(path, frame)
+    if suffix not in IMAGE_SUFFIXES:
+        raise ImageReadError(path, f"unsupported file type {suffix!r}; expected one of {sorted(IMAGE_SUFFIXES)} or DICOM content")
     if suffix in NIFTI_SUFFIXES:
         return read_nifti(path, frame)
     return read_raster(path, max_pixels)

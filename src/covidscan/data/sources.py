@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from covidscan.data.io import DICOM_SUFFIXES, is_image_file, is_volume_file, nifti_slice_count, patient_key
+from covidscan.data.io import is_dicom_file, is_image_file, is_volume_file, nifti_slice_count, patient_key
 from covidscan.data.manifest import new_manifest, read_csv_table
 from covidscan.errors import DataError, ImageReadError
 
@@ -110,7 +110,7 @@ def image_rows(path: Path, label: str, patient_id: str, source: str) -> list[dic
     slices = 1
     if is_volume_file(path):
         slices = nifti_slice_count(path)
-    elif path.suffix.lower() in DICOM_SUFFIXES:
+    elif is_dicom_file(path):
         slices, key, acquisition = _dicom_header(path)
         base.update(acquisition)
         if not patient_id and key:
