@@ -66,7 +66,6 @@ def _halves(frame: pd.DataFrame, seed: int = 0) -> tuple[np.ndarray, np.ndarray]
 def adapt_run(run_dir: str | Path, unlabelled: pd.DataFrame, out: str | Path, name: str, show: bool = True,
               log: Callable[[str], None] = print) -> dict[str, object]:
     """AdaBN-adapt the run's network to `unlabelled` images (labels, if any, are ignored); write and evaluate OUT."""
-    from covidscan.data.io import load_image_array
     from covidscan.data.manifest import image_refs
     from covidscan.decision import DEFAULT_STUDY_RULE
     from covidscan.evaluate.evaluation import evaluate_run, fit_run_gate, gate_sample
@@ -82,7 +81,7 @@ def adapt_run(run_dir: str | Path, unlabelled: pd.DataFrame, out: str | Path, na
         raise DataError(name, f"{len(unlabelled)} unlabelled images; AdaBN needs at least {MIN_IMAGES} to estimate batch-norm statistics")
     if out.exists() and any(out.iterdir()):
         raise CovidscanError(f"{out}: folder exists and is not empty; choose another -o")
-    images = load_image_array(image_refs(unlabelled), source.size, f"loading {name}", show)
+    images = source.load_images(image_refs(unlabelled), f"loading {name}", show)
     staging = out.with_name(f".{out.name}.staging")
     if staging.exists():
         shutil.rmtree(staging)

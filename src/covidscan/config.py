@@ -23,6 +23,7 @@ class DataConfig:
     image_size: int = 0  # 0: the backbone's registered input size
     labels: str = "binary"  # 'binary', 'auto' (folder names) or 'A,B,C'
     positive_class: str = "COVID"
+    preprocess: str = "none"  # none | lung_crop | clahe | lung_crop+clahe (data/preprocess.py; the same at serving time)
 
 
 @dataclass
@@ -206,6 +207,10 @@ def validate_config(config: RunConfig) -> None:
     size = config.data.image_size
     if size != 0 and not MIN_IMAGE_SIZE <= size <= 1024:
         raise ConfigError(f"data.image_size must be 0 (the backbone's size) or between {MIN_IMAGE_SIZE} and 1024, got {size}")
+    from covidscan.data.preprocess import PREPROCESSING
+
+    if config.data.preprocess not in PREPROCESSING:
+        raise ConfigError(f"data.preprocess must be one of {', '.join(PREPROCESSING)}, got {config.data.preprocess!r}")
     if not config.data.positive_class.strip():
         raise ConfigError("data.positive_class must name a class, e.g. COVID")
     for name in ("head_epochs", "unfreeze_epochs", "patience", "threads"):

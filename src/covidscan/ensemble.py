@@ -152,7 +152,6 @@ def build_ensemble(
 ) -> dict[str, object]:
     """Combine trained runs into the ensemble run folder OUT and evaluate it; returns its metrics."""
     from covidscan.config import load_config, save_config
-    from covidscan.data.io import load_image_array
     from covidscan.data.manifest import image_refs, load_manifest, save_manifest
     from covidscan.evaluate.evaluation import evaluate_run, fit_decision
 
@@ -163,8 +162,9 @@ def build_ensemble(
     for run, card in zip(runs, cards):
         if card.kind != NETWORK or "weights" not in card.raw:
             raise CovidscanError(f"{run}: not a trained network's run folder (ensembles of ensembles or bundles are not supported)")
-    if len({c.size for c in cards}) > 1 or len({tuple(c.classes) for c in cards}) > 1:
-        raise CovidscanError("members must share classes and image size; got " + ", ".join(f"{r}: {c.classes} at {c.size} px" for r, c in zip(runs, cards)))
+    if len({(c.size, c.preprocess) for c in cards}) > 1 or len({tuple(c.classes) for c in cards}) > 1:
+        raise CovidscanError("members must share classes, image size and preprocessing; got "
+                             + ", ".join(f"{r}: {c.classes} at {c.size} px, {c.preprocess}" for r, c in zip(runs, cards)))
     names = _member_names(runs, cards)
     frame = _shared_split([load_manifest(r / "manifest.csv") for r in runs], [str(r) for r in runs])
     out.mkdir(parents=True, exist_ok=True)
@@ -180,7 +180,7 @@ def build_ensemble(
     cfg = cfg or config.evaluate
     val = frame[frame["split"] == "val"].reset_index(drop=True)
     members = [Predictor(out / "members" / name) for name in names]
-    images = load_image_array(image_refs(val), cards[0].size, "loading validation images", show)
+    images = members[0].load_images(image_refs(val), "loading validation images", show)
     member_val, _ = member_probabilities(members, images, tta=cfg.tta)
     combiner = fit_combiner(method, val, member_val, cards[0].classes)
     decision = fit_decision(val, combine(member_val, combiner), cards[0].classes, cfg)
@@ -189,6 +189,7 @@ def build_ensemble(
         "kind": ENSEMBLE,
         "backbone": f"ensemble ({method}: {' + '.join(str(c.raw.get('backbone')) for c in cards)})",
         "classes": cards[0].classes, "positive_class": cards[0].classes[-1], "image_size": cards[0].size, "in_chans": 1, "threshold": 0.5,
+        "preprocess": cards[0].preprocess,
         "members": [{"name": n, "folder": f"members/{n}", "backbone": c.raw.get("backbone"), "pretrained_from": c.raw.get("pretrained_from", ""),
                      "weight": round(float(w), 6), **({"decomposed": c.labels.to_json()} if c.labels.is_decomposed else {})}
                     for n, c, w in zip(names, cards, shares)],

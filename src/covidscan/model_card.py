@@ -107,6 +107,7 @@ class ModelCard:
     gate_threshold: float  # inf: a run trained before the gate existed
     members: tuple[MemberCard, ...] = ()
     combiner: dict[str, object] = field(default_factory=dict)
+    preprocess: str = "none"  # data.preprocess: how a gray image becomes the input (data/preprocess.py)
 
     @property
     def classes(self) -> list[str]:
@@ -122,6 +123,10 @@ class ModelCard:
         kind = str(raw.get("kind", NETWORK))
         if kind not in (NETWORK, ENSEMBLE):
             raise ValueError(f"unknown kind {kind!r}")
+        from covidscan.data.preprocess import PREPROCESSING
+
+        if str(raw.get("preprocess", "none")) not in PREPROCESSING:
+            raise ValueError(f"unknown preprocess {raw.get('preprocess')!r}")
         members = tuple(
             MemberCard(str(m["name"]), str(m["folder"]), str(m.get("backbone", "")), str(m.get("pretrained_from", "")), float(m.get("weight", 1.0)))
             for m in raw.get("members") or []  # type: ignore[union-attr]
@@ -136,13 +141,14 @@ class ModelCard:
             study_rule=dict(raw.get("study_rule") or DEFAULT_STUDY_RULE),  # type: ignore[call-overload]
             gate_threshold=float(gate["threshold"]) if isinstance(gate, dict) and "threshold" in gate else math.inf,
             members=members, combiner=dict(raw.get("combiner") or {}),  # type: ignore[call-overload]
+            preprocess=str(raw.get("preprocess", "none")),
         )
 
     def to_json(self) -> dict[str, object]:
         """model.json: the descriptive fields as read, the typed ones as they are now."""
         out = dict(self.raw)
         out.update({"kind": self.kind, "classes": self.classes, "positive_class": self.labels.positive, "image_size": self.size,
-                    "threshold": self.threshold, "tta": self.tta, "study_rule": self.study_rule})
+                    "threshold": self.threshold, "tta": self.tta, "study_rule": self.study_rule, "preprocess": self.preprocess})
         if self.labels.is_decomposed:
             out["labels"] = self.labels.to_json()
         if self.members:

@@ -109,7 +109,7 @@ def train_run(
         rows = frame[frame["split"] == split]
         if rows.empty or rows["label"].nunique() < (2 if split != "test" else 1):
             raise DataError(run_dir / "manifest.csv", f"split {split!r} has {len(rows)} images of {rows['label'].nunique()} class(es); too few patients to train and test")
-        images = load_image_array(image_refs(rows), size, f"loading {split} images", show_progress)
+        images = load_image_array(image_refs(rows), size, f"loading {split} images", show_progress, config.data.preprocess)
         labels = np.array([classes.index(label) for label in rows["label"]], np.int64)
         parts[split] = TensorData(torch.from_numpy(images), torch.from_numpy(labels))
     log(
@@ -165,6 +165,7 @@ def train_run(
         "classes": classes,
         "positive_class": classes[positive],
         "image_size": size,
+        "preprocess": config.data.preprocess,
         "in_chans": 1,
         "dropout": config.model.dropout,
         "normalise": {"mean": normaliser.mean, "std": normaliser.std},

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from covidscan import DISCLAIMER
-from covidscan.data.io import load_resized
+from covidscan.data.io import load_image_array
 from covidscan.data.transforms import Normaliser
 from covidscan.decision import REFUSED, apply_temperature, slice_label, study_answer
 from covidscan.errors import CovidscanError
@@ -99,8 +99,12 @@ class DeployedScorer(ABC):
         """Class probabilities, temperature-scaled when calibration was kept on validation data."""
         return self.calibrated(self.score(self._read(paths))[0])
 
+    def load_images(self, refs: list[tuple[str, int | None]], description: str = "loading images", show: bool = False) -> np.ndarray:
+        """uint8 (N, 1, S, S) inputs of (path, slice) references, prepared as the model card says (size, preprocessing)."""
+        return load_image_array(refs, self.size, description, show, self.model_card.preprocess)
+
     def _read(self, paths: list[str | Path]) -> np.ndarray:
-        return np.stack([load_resized(p, self.size)[None] for p in paths])
+        return self.load_images([(str(p), None) for p in paths])
 
     def predict(self, paths: list[str | Path]) -> list[Prediction]:
         """One prediction per image; images the gate refuses get the label 'refused'."""

@@ -389,20 +389,22 @@ def resize_gray(pixels: np.ndarray, size: int) -> np.ndarray:
     return np.clip(np.round(np.asarray(img) * 255.0), 0, 255).astype(np.uint8)
 
 
-def load_resized(path: str | Path, size: int, frame: int | None = None) -> np.ndarray:
-    """Read an image and return it as uint8 size x size: the training cache format."""
-    return resize_gray(read_image(path, frame).pixels, size)
+def load_resized(path: str | Path, size: int, frame: int | None = None, preprocess: str = "none") -> np.ndarray:
+    """Read an image and return it as uint8 size x size, preprocessed as the model card says: the training cache format."""
+    from covidscan.data.preprocess import prepare_image
+
+    return prepare_image(read_image(path, frame).pixels, size, preprocess)
 
 
 def load_image_array(
-    refs: Sequence[tuple[str, int | None]], size: int, description: str = "loading images", show: bool = True
+    refs: Sequence[tuple[str, int | None]], size: int, description: str = "loading images", show: bool = True, preprocess: str = "none"
 ) -> np.ndarray:
-    """Read and resize images (path, slice index) into one uint8 array (N, 1, size, size)."""
+    """Read and prepare images (path, slice index) into one uint8 array (N, 1, size, size)."""
     from covidscan.progress import track
 
     out = np.empty((len(refs), 1, size, size), np.uint8)
     for i, (path, slice_index) in enumerate(track(refs, description, show)):
-        out[i, 0] = load_resized(path, size, slice_index)
+        out[i, 0] = load_resized(path, size, slice_index, preprocess)
     return out
 
 

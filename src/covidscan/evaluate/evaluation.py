@@ -343,7 +343,6 @@ def ensure_decision(run_dir: Path, frame: pd.DataFrame, cfg: EvaluateConfig, sho
     """
     from covidscan.data.manifest import image_refs
     from covidscan.gate import save_gate
-    from covidscan.data.io import load_image_array
     from covidscan.predict import MODEL_CARD, load_scorer
 
     predictor = load_scorer(run_dir)
@@ -352,7 +351,7 @@ def ensure_decision(run_dir: Path, frame: pd.DataFrame, cfg: EvaluateConfig, sho
     if not predictor.has_gate:
         train, val = (frame[frame["split"] == part] for part in ("train", "val"))
         train_stats, val_stats = (
-            predictor.score(load_image_array(image_refs(rows.iloc[gate_sample(len(rows))]), predictor.size, f"gate: {part} images", show), tta=False)[1]
+            predictor.score(predictor.load_images(image_refs(rows.iloc[gate_sample(len(rows))]), f"gate: {part} images", show), tta=False)[1]
             for part, rows in (("train", train), ("val", val)))
         arrays, card["gate"] = fit_run_gate(train_stats, val_stats)
         save_gate(arrays, run_dir / "gate.npz")
@@ -362,7 +361,7 @@ def ensure_decision(run_dir: Path, frame: pd.DataFrame, cfg: EvaluateConfig, sho
     if recorded != wanted or "study_rule" not in card:
         changed = [k for k in wanted if not isinstance(recorded, dict) or recorded.get(k) != wanted[k]]
         val = frame[frame["split"] == "val"].reset_index(drop=True)
-        images = load_image_array(image_refs(val), predictor.size, "loading validation images", show)
+        images = predictor.load_images(image_refs(val), "loading validation images", show)
         card.update(fit_decision(val, predictor.score(images, tta=cfg.tta)[0], predictor.classes, cfg))
         reasons.append("calibration, operating points and study rule refitted on the validation part"
                        + (f" for {', '.join(f'evaluate.{k}={wanted[k]}' for k in changed)}" if isinstance(recorded, dict) else " (older run)"))
@@ -414,7 +413,6 @@ def evaluate_run(
     from covidscan.config import load_config
     from covidscan.data.manifest import image_refs, load_manifest, save_manifest
     from covidscan.evaluate.report import write_report
-    from covidscan.data.io import load_image_array
 
     run_dir = Path(run_dir)
     config = load_config(run_dir / "config.yaml")
@@ -444,7 +442,7 @@ def evaluate_run(
     train_rows = train_rows.iloc[np.sort(rng.choice(len(train_rows), min(cfg.tsne_points, len(train_rows)), replace=False))]
     for name, part in [("training part", train_rows)] + list(sets.items()):
         with timer("loading images"):
-            images = load_image_array(image_refs(part), predictor.size, f"loading {name}", show)
+            images = predictor.load_images(image_refs(part), f"loading {name}", show)
         if name != "training part":
             with timer("model and gate"):
                 raw, gate_stats = predictor.score(images)

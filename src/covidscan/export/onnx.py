@@ -177,7 +177,6 @@ def export_model(
 def export_run(run_dir: str | Path, out_dir: str | Path, gate_images: int = 1024, int8: bool = False) -> dict[str, object]:
     """Export a run folder's best model; parity on its test images, gate from its train/val images."""
     from covidscan.data.manifest import image_refs, load_manifest
-    from covidscan.data.io import load_image_array
     from covidscan.ensemble import EnsemblePredictor
     from covidscan.predict import Predictor, load_scorer
 
@@ -193,7 +192,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, gate_images: int = 1024
     def images_of(split: str, limit: int) -> tuple[np.ndarray, np.ndarray]:
         rows = frame[frame["split"] == split]
         rows = rows.iloc[np.sort(rng.choice(len(rows), min(limit, len(rows)), replace=False))]
-        images = load_image_array(image_refs(rows), predictor.size, f"loading {split} images", False).astype(np.float32) / 255.0
+        images = predictor.load_images(image_refs(rows), f"loading {split} images").astype(np.float32) / 255.0
         return images, (rows["label"].astype(str) == predictor.classes[-1]).to_numpy()
 
     test_images, test_labels = images_of("test", 256 if int8 else 16)
@@ -209,7 +208,6 @@ def export_ensemble(ensemble: object, out_dir: str | Path, gate_images: int = 10
 
     Parity: the torch-free EnsembleBundle against the PyTorch EnsemblePredictor on test images.
     """
-    from covidscan.data.io import load_image_array
     from covidscan.data.manifest import image_refs, load_manifest
     from covidscan.decision import apply_temperature
     from covidscan.ensemble import EnsemblePredictor
@@ -232,7 +230,7 @@ def export_ensemble(ensemble: object, out_dir: str | Path, gate_images: int = 10
     atomic.write_text(staging / "model.json", json.dumps(card, indent=1) + "\n")
     frame = load_manifest(ensemble.folder / "manifest.csv")
     rows = frame[frame["split"] == "test"].head(16)
-    images = load_image_array(image_refs(rows), ensemble.size, "loading test images", False)
+    images = ensemble.load_images(image_refs(rows), "loading test images")
     reference = apply_temperature(ensemble.score(images)[0], ensemble.model_card.temperature)
     served = EnsembleBundle(staging).analyse(list(images[:, 0]), heatmaps=False)
     served_probs = np.array([[r.probabilities[c] for c in ensemble.classes] for r in served])

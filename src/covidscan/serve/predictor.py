@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from covidscan import DISCLAIMER
-from covidscan.data.io import resize_gray
+from covidscan.data.preprocess import prepare_image
 from covidscan.atomic import recover_folder
 from covidscan.combine import combine, heatmap_weights
 from covidscan.decision import apply_temperature, slice_label, study_answer
@@ -106,7 +106,7 @@ class ServedModel:
 
     def prepare(self, pixels: np.ndarray) -> np.ndarray:
         """Gray float image in [0, 1] of any size -> the model's uint8 input (size x size), as in training."""
-        return resize_gray(np.asarray(pixels, np.float32), self.size)
+        return prepare_image(pixels, self.size, self.model_card.preprocess)
 
     def _prepared(self, images: list[np.ndarray]) -> np.ndarray:
         prepared = [img if img.dtype == np.uint8 and img.shape == (self.size, self.size) else self.prepare(img) for img in images]
