@@ -34,8 +34,9 @@ ENSEMBLES = {
     "seed": ["vgg16", "inception_v3", "densenet201"],
 }
 METHODS = ("soft", "weighted", "stacking")
-PLAN = ([("single", b) for b in SINGLES[:5]] + [("ensemble", "lite")] + [("detrac", b) for b in DECOMPOSED[:4]]
-        + [("single", "densenet201"), ("single", "vgg16"), ("ensemble", "seed")] + [("detrac", b) for b in DECOMPOSED[4:]])
+PLAN = [("single", b) for b in SINGLES[:5]] + [("ensemble", "lite")] + [("detrac", b) for b in DECOMPOSED[:4]]
+# Random-initialised seed backbones (no offline ImageNet weights): the slowest runs on a CPU, trained with --extra.
+EXTRA = [("single", "densenet201"), ("single", "vgg16"), ("ensemble", "seed")] + [("detrac", b) for b in DECOMPOSED[4:]]
 COVIDSCAN = str(Path(sys.executable).with_name("covidscan"))
 
 
@@ -161,13 +162,14 @@ def main() -> None:
     parser.add_argument("--manifest", type=Path, default=Path("runs/sarscov2-cluster-cl2/manifest.csv"), help="manifest with the split column")
     parser.add_argument("--external", type=Path, default=Path("runs/real/ucsd-covid-ct.csv"))
     parser.add_argument("--train", action="store_true", help="train what is missing, then build the ensembles")
+    parser.add_argument("--extra-runs", action="store_true", help="also the random-initialised seed backbones, their ensemble and DeTraC")
     parser.add_argument("--skip-decomposed", default="", help="comma-separated backbones whose decomposed run is skipped")
     parser.add_argument("--set", dest="extra", action="append", default=[], help="extra overrides for every training run")
     parser.add_argument("--latency-image", type=Path, default=None, help="an image for the ensembles' serving latency")
     args = parser.parse_args()
     if args.train:  # cheapest and most telling first: a CPU session may end before the last random-init runs
         skip = set(filter(None, args.skip_decomposed.split(",")))
-        for kind, item in PLAN:
+        for kind, item in PLAN + (EXTRA if args.extra_runs else []):
             if kind == "ensemble":
                 for method in METHODS:
                     ensemble(args.zoo, str(item), ENSEMBLES[str(item)], method)
