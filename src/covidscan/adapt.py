@@ -23,13 +23,14 @@ from torch import nn
 from covidscan import atomic
 from covidscan.errors import CovidscanError, DataError
 from covidscan.model_card import NETWORK
+from covidscan.models.classifier import CovidClassifier
 
 RUN_FILES = ("config.yaml", "manifest.csv", "metrics.json", "history.jsonl", "embeddings.npz")
 MIN_IMAGES = 32  # fewer unlabelled images give batch-norm statistics too noisy to trust
 
 
 @torch.no_grad()
-def adabn(model: nn.Module, images: np.ndarray, normaliser: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 64) -> int:
+def adabn(model: CovidClassifier, images: np.ndarray, normaliser: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 64) -> int:
     """Replace every BatchNorm layer's running statistics with those of `images` (uint8 (N, 1, S, S)); returns the layer count.
 
     Cumulative averages (momentum None) over all images, in training mode for
@@ -43,10 +44,8 @@ def adabn(model: nn.Module, images: np.ndarray, normaliser: Callable[[torch.Tens
         layer.reset_running_stats()
         layer.momentum = None
         layer.train()
-    backbone = getattr(model, "backbone", model)
     for start in range(0, len(images), batch_size):
-        batch = normaliser(to_float(torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))))
-        backbone.forward_features(batch) if hasattr(backbone, "forward_features") else backbone(batch)
+        model.forward_features(normaliser(to_float(torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])))))
     for layer in layers:
         layer.momentum = 0.1
     model.eval()
@@ -97,8 +96,7 @@ def adapt_run(run_dir: str | Path, unlabelled: pd.DataFrame, out: str | Path, na
         raise CovidscanError(f"{run_dir}: the network has no batch-norm layer; AdaBN cannot adapt it")
     save_checkpoint(staging / "checkpoints" / "best.safetensors", model, {"adapted": "AdaBN"})
     reference, threshold = _halves(unlabelled)
-    adapted = Predictor(staging, source.model_card.with_fields(gate=None))
-    stats = adapted.score(images, tta=False)[1]
+    stats = source.score(images, tta=False)[1]  # source.model is the adapted network now
     arrays, gate_card = fit_run_gate(stats[reference][gate_sample(len(reference))], stats[threshold][gate_sample(len(threshold))])
     gate_card["fitted_on"] = f"{name}: unlabelled images of the new hospital ({len(reference)} reference, {len(threshold)} for the threshold, whole patients apart)"
     save_gate(arrays, staging / "gate.npz")

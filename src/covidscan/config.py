@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from covidscan.combine import METHODS as ENSEMBLE_METHODS
 from covidscan.errors import ConfigError
 
 
@@ -191,7 +192,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
-ENSEMBLE_METHODS = ("soft", "weighted", "stacking")
 MIN_IMAGE_SIZE = 32  # five stride-2 stages leave a 1x1 feature map; smaller inputs break the backbones
 
 

@@ -36,7 +36,8 @@ def slice_label(probabilities: np.ndarray, classes: list[str], threshold: float)
     return classes[int(np.argmax(probabilities))]
 
 
-def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
+def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood of integer labels under probabilities (N, C)."""
     return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)).mean())
 
 
@@ -60,8 +61,8 @@ def cross_fitted_temperature(probs: np.ndarray, labels: np.ndarray, groups: np.n
     for fit_rows, check_rows in GroupKFold(k).split(probs, labels, groups):
         t = fit_temperature(np.log(np.clip(probs[fit_rows], 1e-12, 1.0)), labels[fit_rows])
         share = len(check_rows) / len(labels)
-        held_out_nll["uncalibrated"] += share * _nll(probs[check_rows], labels[check_rows])
-        held_out_nll["temperature"] += share * _nll(apply_temperature(probs[check_rows], t), labels[check_rows])
+        held_out_nll["uncalibrated"] += share * log_loss(probs[check_rows], labels[check_rows])
+        held_out_nll["temperature"] += share * log_loss(apply_temperature(probs[check_rows], t), labels[check_rows])
     kept = held_out_nll["temperature"] < held_out_nll["uncalibrated"]
     temperature = fit_temperature(np.log(np.clip(probs, 1e-12, 1.0)), labels) if kept else 1.0
     verdict = "kept" if kept else "not kept (it did not help on held-out validation patients)"

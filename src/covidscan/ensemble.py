@@ -18,8 +18,9 @@ import numpy as np
 import pandas as pd
 
 from covidscan import DISCLAIMER, __version__, atomic
-from covidscan.combine import combine, heatmap_weights, stacking_features
+from covidscan.combine import METHODS, combine, heatmap_weights, stacking_features
 from covidscan.config import EvaluateConfig
+from covidscan.decision import log_loss
 from covidscan.errors import CovidscanError, DataError
 from covidscan.model_card import ENSEMBLE, NETWORK, ModelCard, read_model_card
 from covidscan.predict import MODEL_CARD, DeployedScorer, Predictor
@@ -43,11 +44,8 @@ class EnsemblePredictor(DeployedScorer):
     def has_gate(self) -> bool:
         return True
 
-    def member_probabilities(self, images: np.ndarray, batch_size: int = 64, tta: bool | None = None) -> tuple[list[np.ndarray], np.ndarray]:
-        return member_probabilities(self.members, images, batch_size, self.model_card.tta if tta is None else tta)
-
     def score(self, images: np.ndarray, batch_size: int = 64, tta: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
-        probs, ratios = self.member_probabilities(images, batch_size, tta)
+        probs, ratios = member_probabilities(self.members, images, batch_size, self.model_card.tta if tta is None else tta)
         return combine(probs, self.model_card.combiner), ratios
 
     def gate_distances(self, gate_stats: np.ndarray) -> np.ndarray:
@@ -93,8 +91,7 @@ def fit_combiner(method: str, frame: pd.DataFrame, member_probs: list[np.ndarray
 
         def loss(theta: np.ndarray) -> float:
             w = np.exp(theta - theta.max())
-            p = combine(member_probs, {"method": "weighted", "weights": list(w / w.sum())})
-            return float(-np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, 1)).mean())
+            return log_loss(combine(member_probs, {"method": "weighted", "weights": list(w / w.sum())}), labels)
 
         theta = minimize(loss, np.zeros(len(member_probs)), method="Nelder-Mead", options={"xatol": 1e-4, "fatol": 1e-7, "maxiter": 2000}).x
         w = np.exp(theta - theta.max())
@@ -108,10 +105,9 @@ def fit_combiner(method: str, frame: pd.DataFrame, member_probs: list[np.ndarray
         combiner = {"method": "stacking", "coef": meta.coef_.round(6).tolist(), "intercept": meta.intercept_.round(6).tolist(),
                     "meta_learner": "logistic regression (L2, C=1) on the members' log-odds"}
     else:
-        raise CovidscanError(f"unknown ensemble method {method!r}; choose soft, weighted or stacking")
-    p = combine(member_probs, combiner)
+        raise CovidscanError(f"unknown ensemble method {method!r}; choose one of {', '.join(METHODS)}")
     combiner["fitted_on"] = fitted_on
-    combiner["validation_log_loss"] = round(float(-np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, 1)).mean()), 4)
+    combiner["validation_log_loss"] = round(log_loss(combine(member_probs, combiner), labels), 4)
     return combiner
 
 

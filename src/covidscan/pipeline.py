@@ -20,7 +20,7 @@ from covidscan.data.manifest import class_names, image_refs, save_manifest
 from covidscan.data.split import leakage_report, leakage_threshold, split_manifest
 from covidscan.data.transforms import Normaliser
 from covidscan.errors import ConfigError, DataError
-from covidscan.decision import rule_name
+from covidscan.decision import DECISION_SETTINGS, rule_name
 from covidscan.evaluate.evaluation import evaluate_run, fit_decision
 from covidscan.model_card import LabelSpace, ModelCard
 from covidscan.models.classifier import CovidClassifier
@@ -325,7 +325,7 @@ def train_ensemble(
         member_config = copy.deepcopy(config)
         member_config.model.backbone, member_config.ensemble.members = backbone, ""
         member_config.evaluate = copy.deepcopy(quick)
-        for name in ("calibrate", "target_sensitivity", "target_specificity", "aggregate", "top_k", "tta", "prevalence"):
+        for name in DECISION_SETTINGS + ("prevalence",):
             setattr(member_config.evaluate, name, getattr(config.evaluate, name))
         log(f"--- member {backbone} ---")
         member_dir = run_dir / "members" / backbone

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from covidscan import DISCLAIMER, __version__, atomic
 from covidscan.errors import CovidscanError
 from covidscan.gate import GATE_ARRAYS, GATE_METHOD, GATE_QUANTILE, gate_distance, gate_reference, save_gate
 from covidscan.models.classifier import CovidClassifier, _get_module
+
+if TYPE_CHECKING:
+    from covidscan.ensemble import EnsemblePredictor
 
 BUNDLE_FORMAT = "covidscan-onnx-bundle/1"
 OPSET = 18
@@ -157,7 +161,8 @@ def export_model(
         "onnx": "model.onnx",
         "image_size": size,
         "inputs": {"name": "images", "shape": ["batch", 1, size, size], "range": [0.0, 1.0],
-                   "preprocessing": "grayscale, bilinear resize to size x size (no crop), scaled to [0, 1]; normalisation is inside the graph"},
+                   "preprocessing": f"grayscale, data.preprocess '{card.get('preprocess', 'none')}' (covidscan.data.preprocess.prepare_image: "
+                                    "optional lung crop, bilinear resize to size x size, optional CLAHE), scaled to [0, 1]; normalisation is inside the graph"},
         "outputs": {"logits": "class scores (softmax(logits / temperature) = probabilities)", "features": "last feature map (CAM layer)",
                     "gate_features": f"log(1 + |mean, std|) per channel of '{model.gate_layer_name() or 'the last feature map'}' (input gate)"},
         "cam": {"weights": model.head.weight.detach().numpy().round(7).tolist(), "bias": model.head.bias.detach().numpy().round(7).tolist(),
@@ -203,17 +208,15 @@ def export_run(run_dir: str | Path, out_dir: str | Path, gate_images: int = 1024
     )
 
 
-def export_ensemble(ensemble: object, out_dir: str | Path, gate_images: int = 1024, int8: bool = False) -> dict[str, object]:
+def export_ensemble(ensemble: EnsemblePredictor, out_dir: str | Path, gate_images: int = 1024, int8: bool = False) -> dict[str, object]:
     """An ensemble bundle: each member exported (and checked) into OUT/members/<name>, the ensemble's card on top.
 
     Parity: the torch-free EnsembleBundle against the PyTorch EnsemblePredictor on test images.
     """
     from covidscan.data.manifest import image_refs, load_manifest
-    from covidscan.decision import apply_temperature
-    from covidscan.ensemble import EnsemblePredictor
+    from covidscan.model_card import ModelCard
     from covidscan.serve.predictor import EnsembleBundle
 
-    assert isinstance(ensemble, EnsemblePredictor)
     out_dir = Path(out_dir)
     staging = out_dir.with_name(f".{out_dir.name}.ensemble-staging")
     if staging.exists():
@@ -225,14 +228,14 @@ def export_ensemble(ensemble: object, out_dir: str | Path, gate_images: int = 10
         member_parity[spec.name] = member_card["parity"]
     card = dict(ensemble.card)
     card.update({"format": BUNDLE_FORMAT, "inputs": {"shape": ["batch", 1, ensemble.size, ensemble.size], "range": [0.0, 1.0],
-                 "preprocessing": "grayscale, bilinear resize to size x size (no crop); each member bundle normalises inside its graph"},
+                 "preprocessing": f"grayscale, data.preprocess '{ensemble.model_card.preprocess}' (as each member); "
+                                  "each member bundle normalises inside its graph"},
                  "exported_with": f"covidscan {__version__}, torch {torch.__version__}", "intended_use": DISCLAIMER})
-    atomic.write_text(staging / "model.json", json.dumps(card, indent=1) + "\n")
     frame = load_manifest(ensemble.folder / "manifest.csv")
     rows = frame[frame["split"] == "test"].head(16)
     images = ensemble.load_images(image_refs(rows), "loading test images")
-    reference = apply_temperature(ensemble.score(images)[0], ensemble.model_card.temperature)
-    served = EnsembleBundle(staging).analyse(list(images[:, 0]), heatmaps=False)
+    reference = ensemble.calibrated(ensemble.score(images)[0])
+    served = EnsembleBundle(staging, ModelCard.from_json(card)).analyse(list(images[:, 0]), heatmaps=False)  # the card in memory
     served_probs = np.array([[r.probabilities[c] for c in ensemble.classes] for r in served])
     worst = float(np.abs(served_probs - reference).max()) if len(served) else 0.0
     if worst > 1e-3 and not int8:

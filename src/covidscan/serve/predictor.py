@@ -64,10 +64,38 @@ class ServedModel:
     def _read_card(self, folder: str | Path, card: ModelCard | None) -> None:
         self.folder = Path(folder)
         self.model_card = card or read_model_card(self.folder / "model.json", f"{self.folder}: not a model bundle (no model.json)")
-        self.card = self.model_card.raw
-        self.classes, self.size, self.threshold = self.model_card.classes, self.model_card.size, self.model_card.threshold
-        self.temperature, self.tta, self.study_rule = self.model_card.temperature, self.model_card.tta, self.model_card.study_rule
-        self.gate_threshold = self.model_card.gate_threshold
+
+    @property
+    def card(self) -> dict[str, object]:
+        return self.model_card.raw
+
+    @property
+    def classes(self) -> list[str]:
+        return self.model_card.classes
+
+    @property
+    def size(self) -> int:
+        return self.model_card.size
+
+    @property
+    def threshold(self) -> float:
+        return self.model_card.threshold
+
+    @property
+    def temperature(self) -> float:
+        return self.model_card.temperature
+
+    @property
+    def tta(self) -> bool:
+        return self.model_card.tta
+
+    @property
+    def study_rule(self) -> dict[str, object]:
+        return self.model_card.study_rule
+
+    @property
+    def gate_threshold(self) -> float:
+        return self.model_card.gate_threshold
 
     @property
     def version(self) -> str:
@@ -228,7 +256,8 @@ class EnsembleBundle(ServedModel):
     def analyse(self, images: list[np.ndarray], heatmaps: bool = True, batch_size: int = 32, heatmap_top: int = 0) -> list[SliceResult]:
         """As `Bundle.analyse`: the members' deployed probabilities combined, every member's gate, the weighted mean heat map."""
         resized = list(self._prepared(images))
-        per_member = [member.analyse(resized, heatmaps=False, batch_size=batch_size) for member in self.members]
+        every_map = heatmaps and not heatmap_top  # all maps wanted: the members draw them in this one pass
+        per_member = [member.analyse(resized, heatmaps=every_map, batch_size=batch_size) for member in self.members]
         positive = len(self.classes) - 1
         member_probs = [np.array([[r.probabilities[c] for c in self.classes] for r in results], np.float32).reshape(-1, len(self.classes))
                         for results in per_member]
@@ -242,9 +271,12 @@ class EnsembleBundle(ServedModel):
             for i, (image, p, d) in enumerate(zip(resized, probs, distance))
         ]
         if heatmaps and results:
-            chosen = np.argsort(-probs[:, positive], kind="stable")[:heatmap_top] if heatmap_top else np.arange(len(results))
-            maps = [np.stack([r.heatmap for r in member.analyse([resized[i] for i in chosen], heatmaps=True, batch_size=batch_size)])  # type: ignore[misc]
-                    for member in self.members]
+            if every_map:
+                chosen, member_maps = np.arange(len(results)), per_member
+            else:  # only the most suspicious slices by the ensemble's probability: the members draw just those
+                chosen = np.argsort(-probs[:, positive], kind="stable")[:heatmap_top]
+                member_maps = [member.analyse([resized[i] for i in chosen], heatmaps=True, batch_size=batch_size) for member in self.members]
             for j, i in enumerate(chosen):
-                results[int(i)].heatmap = np.einsum("m,mhw->hw", self.heat_weights, np.stack([m[j] for m in maps])).astype(np.float32)
+                maps = np.stack([m[j].heatmap for m in member_maps])  # type: ignore[misc]
+                results[int(i)].heatmap = np.einsum("m,mhw->hw", self.heat_weights, maps).astype(np.float32)
         return results
