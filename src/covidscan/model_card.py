@@ -161,6 +161,40 @@ class ModelCard:
         return ModelCard.from_json({**self.to_json(), **raw_fields})
 
 
+class CardFields:
+    """The deployed decision's fields, read from `model_card`: for the PyTorch scorers and the served bundles alike."""
+
+    model_card: ModelCard
+
+    @property
+    def classes(self) -> list[str]:
+        return self.model_card.classes
+
+    @property
+    def size(self) -> int:
+        return self.model_card.size
+
+    @property
+    def threshold(self) -> float:
+        return self.model_card.threshold
+
+    @property
+    def temperature(self) -> float:
+        return self.model_card.temperature
+
+    @property
+    def tta(self) -> bool:
+        return self.model_card.tta
+
+    @property
+    def study_rule(self) -> dict[str, object]:
+        return self.model_card.study_rule
+
+    @property
+    def gate_threshold(self) -> float:
+        return self.model_card.gate_threshold
+
+
 def read_model_card(path: Path, missing: str) -> ModelCard:
     """Parse model.json; `missing` is the one-line message when the file is absent."""
     if not path.is_file():

@@ -22,7 +22,7 @@ from covidscan.data.transforms import Normaliser
 from covidscan.decision import REFUSED, apply_temperature, slice_label, study_answer
 from covidscan.errors import CovidscanError
 from covidscan.gate import gate_distance, load_gate
-from covidscan.model_card import ENSEMBLE, ModelCard, read_model_card
+from covidscan.model_card import ENSEMBLE, CardFields, ModelCard, read_model_card
 from covidscan.models.classifier import CovidClassifier
 from covidscan.train.checkpoint import load_checkpoint
 
@@ -40,7 +40,7 @@ class Prediction:
     note: str = DISCLAIMER
 
 
-class DeployedScorer(ABC):
+class DeployedScorer(CardFields, ABC):
     """The interface every model implements, and the deployed decision on top of it."""
 
     model_card: ModelCard
@@ -71,26 +71,6 @@ class DeployedScorer(ABC):
     def card(self) -> dict[str, object]:
         """model.json as a dict (descriptive fields included)."""
         return self.model_card.to_json()
-
-    @property
-    def classes(self) -> list[str]:
-        return self.model_card.classes
-
-    @property
-    def size(self) -> int:
-        return self.model_card.size
-
-    @property
-    def threshold(self) -> float:
-        return self.model_card.threshold
-
-    @property
-    def gate_threshold(self) -> float:
-        return self.model_card.gate_threshold
-
-    @property
-    def study_rule(self) -> dict[str, object]:
-        return self.model_card.study_rule
 
     def calibrated(self, probs: np.ndarray) -> np.ndarray:
         return apply_temperature(probs, self.model_card.temperature)

@@ -20,7 +20,7 @@ from covidscan.combine import combine, heatmap_weights
 from covidscan.decision import apply_temperature, slice_label, study_answer
 from covidscan.errors import CovidscanError
 from covidscan.gate import gate_distance, load_gate
-from covidscan.model_card import ENSEMBLE, ModelCard, read_model_card
+from covidscan.model_card import ENSEMBLE, CardFields, ModelCard, read_model_card
 
 BUNDLE_FILES = ("model.json", "model.onnx", "gate.npz")
 
@@ -55,7 +55,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-class ServedModel:
+class ServedModel(CardFields):
     """What a network bundle and an ensemble bundle share: the card's decision."""
 
     folder: Path
@@ -68,34 +68,6 @@ class ServedModel:
     @property
     def card(self) -> dict[str, object]:
         return self.model_card.raw
-
-    @property
-    def classes(self) -> list[str]:
-        return self.model_card.classes
-
-    @property
-    def size(self) -> int:
-        return self.model_card.size
-
-    @property
-    def threshold(self) -> float:
-        return self.model_card.threshold
-
-    @property
-    def temperature(self) -> float:
-        return self.model_card.temperature
-
-    @property
-    def tta(self) -> bool:
-        return self.model_card.tta
-
-    @property
-    def study_rule(self) -> dict[str, object]:
-        return self.model_card.study_rule
-
-    @property
-    def gate_threshold(self) -> float:
-        return self.model_card.gate_threshold
 
     @property
     def version(self) -> str:
