@@ -251,6 +251,32 @@ def adapt_command(
     console.print(DISCLAIMER, style="italic", markup=False)
 
 
+@app.command("finetune")
+def finetune_command(
+    run: Annotated[Path, typer.Argument(help="Run folder of a trained network.")],
+    labelled: Annotated[Path, typer.Argument(help="Manifest of the new hospital's labelled images.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Fine-tuned run folder to create.")],
+    patients: Annotated[int, typer.Option(help="Use k whole patients of the manifest (half positive), drawn with --draw; 0: all images.")] = 0,
+    draw: Annotated[int, typer.Option(help="Seed of the patient draw (P5 learning curves use several).")] = 0,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override the fixed schedule, e.g. --set train.epochs=8 (repeatable).")] = None,
+    external: Annotated[Optional[list[Path]], typer.Option(help="Evaluate on this manifest too, e.g. the hospital's held-out patients (repeatable).")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Quick evaluation: every metric with its CI, no heat maps or t-SNE.")] = False,
+) -> None:
+    """Fine-tune a model on a few labelled patients of a new hospital (fixed schedule, source images replayed)."""
+    from covidscan.config import QUICK_EVALUATION
+    from covidscan.data.manifest import load_manifest
+    from covidscan.finetune import finetune_run
+
+    if patients < 0:
+        raise CovidscanError(f"--patients must be 0 (all) or more, got {patients}")
+    overrides = (QUICK_EVALUATION if quick else []) + list(set_ or [])
+    metrics = finetune_run(run, load_manifest(labelled), out, labelled.stem, patients, draw, overrides,
+                           _external_manifests(external or []), not quiet, _log)  # type: ignore[arg-type]
+    _print_summary(metrics, out)
+    console.print(DISCLAIMER, style="italic", markup=False)
+
+
 @app.command("evaluate")
 def evaluate_command(
     run: Annotated[Path, typer.Argument(help="Run folder from `covidscan train` or `make demo`.")],

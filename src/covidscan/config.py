@@ -43,6 +43,9 @@ class ModelConfig:
     transfer: str = "fine"  # shallow | deep | fine
     # DeTraC class decomposition: off | auto (k per class by silhouette over 2-4) | K | CLASS=K,CLASS=K
     decompose: str = "off"
+    # A run folder whose kept weights this network starts from (same backbone, classes, size and preprocessing):
+    # local fine-tuning of a trained model (`covidscan finetune`). Empty: start from `weights`.
+    init_from: str = ""
 
 
 @dataclass
@@ -65,10 +68,19 @@ class TrainConfig:
     unfreeze_epochs: int = 3  # 'fine' transfer: epochs over which backbone groups unfreeze, deepest first
     layer_decay: float = 0.8  # 'fine' transfer: each group nearer the input gets this times the lr above it
     weight_decay: float = 0.0
-    patience: int = 5  # early stopping on validation loss
+    patience: int = 5  # early stopping: epochs without a better selection score
+    # Which epoch is kept: 'loss' (validation log loss), 'auc' (validation AUC, ties broken by loss; two classes
+    # only) or 'last' (no selection: the final epoch, for fixed schedules such as few-shot `covidscan finetune`).
+    select: str = "loss"
     augment: bool = True
     rotation_deg: float = 10.0
     class_balanced: bool = False
+    # Every source (manifest column 'source') is drawn equally often per epoch: multi-source training where one
+    # hospital has far more images than another (sampling with replacement; an epoch keeps its length).
+    balance_sources: bool = False
+    # Augmentation that imitates other image sources (figures cut from papers, other scanners): resolution loss,
+    # JPEG artefacts, window/level shifts, figure borders, arrows and letters, blur, noise; each with this probability.
+    source_augment: float = 0.0
     device: str = "auto"
     seed: int = 0
     deterministic: bool = True
@@ -192,6 +204,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
+SELECTION = ("loss", "auc", "last")
 MIN_IMAGE_SIZE = 32  # five stride-2 stages leave a 1x1 feature map; smaller inputs break the backbones
 
 
@@ -216,6 +229,10 @@ def validate_config(config: RunConfig) -> None:
     for name in ("head_epochs", "unfreeze_epochs", "patience", "threads"):
         if getattr(config.train, name) < 0:
             raise ConfigError(f"train.{name} must not be negative")
+    if config.train.select not in SELECTION:
+        raise ConfigError(f"train.select must be one of {', '.join(SELECTION)}, got {config.train.select!r}")
+    if not 0.0 <= config.train.source_augment <= 1.0:
+        raise ConfigError(f"train.source_augment is a probability in [0, 1], got {config.train.source_augment}")
     if config.train.weight_decay < 0 or not 0 < config.train.backbone_lr_scale <= 1 or not 0 < config.train.layer_decay <= 1:
         raise ConfigError("train.weight_decay must be >= 0; train.backbone_lr_scale and train.layer_decay must be in (0, 1]")
     e = config.evaluate

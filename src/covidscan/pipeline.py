@@ -22,7 +22,7 @@ from covidscan.data.transforms import Normaliser
 from covidscan.errors import ConfigError, DataError
 from covidscan.decision import DECISION_SETTINGS, rule_name
 from covidscan.evaluate.evaluation import evaluate_run, fit_decision
-from covidscan.model_card import LabelSpace, ModelCard
+from covidscan.model_card import NETWORK, LabelSpace, ModelCard, read_model_card
 from covidscan.models.classifier import CovidClassifier
 from covidscan.models.decompose import decompose_classes, parse_decompose
 from covidscan.models.embed import embed_array, manifest_embeddings
@@ -30,7 +30,7 @@ from covidscan.predict import MODEL_CARD
 from covidscan.models.registry import get_backbone
 from covidscan.seed import seed_everything
 from covidscan.train.distributed import device_for, init_distributed
-from covidscan.train.engine import TensorData, fit
+from covidscan.train.engine import TensorData, fit, source_weights
 
 
 
@@ -75,10 +75,12 @@ def train_run(
     log: Callable[[str], None] = print,
     split_report: dict[str, object] | None = None,
     externals: dict[str, pd.DataFrame] | None = None,
+    provenance: dict[str, object] | None = None,
 ) -> dict[str, object]:
     """Split (if needed), train, evaluate on the held-out test patients (and external sets), write the run folder.
 
-    `split_report` (from `split_manifest`) skips re-measuring a split made just before.
+    `split_report` (from `split_manifest`) skips re-measuring a split made just before. `provenance` (e.g. how
+    `covidscan finetune` drew its local patients) is recorded in model.json and metrics.json.
     """
     run_dir = Path(run_dir)
     started = time.perf_counter()
@@ -107,11 +109,16 @@ def train_run(
     parts: dict[str, TensorData] = {}
     for split in ("train", "val", "test"):
         rows = frame[frame["split"] == split]
+        if split == "train" and config.train.balance_sources:
+            counts = rows["source"].astype(str).value_counts() if "source" in rows.columns else pd.Series(dtype=int)
+            log("source-balanced sampling: " + (", ".join(f"{k} {v} images" for k, v in counts.items()) + " drawn equally often"
+                                                if len(counts) > 1 else "only one source in the training part; nothing to balance"))
         if rows.empty or rows["label"].nunique() < (2 if split != "test" else 1):
             raise DataError(run_dir / "manifest.csv", f"split {split!r} has {len(rows)} images of {rows['label'].nunique()} class(es); too few patients to train and test")
         images = load_image_array(image_refs(rows), size, f"loading {split} images", show_progress, config.data.preprocess)
         labels = np.array([classes.index(label) for label in rows["label"]], np.int64)
-        parts[split] = TensorData(torch.from_numpy(images), torch.from_numpy(labels))
+        weights = source_weights(rows["source"].to_numpy()) if split == "train" and config.train.balance_sources and "source" in rows.columns else None
+        parts[split] = TensorData(torch.from_numpy(images), torch.from_numpy(labels), weights)
     log(
         "images: " + ", ".join(f"{k} {len(v)}" for k, v in parts.items())
         + " | groups: " + ", ".join(f"{k} {frame.loc[frame['split'] == k, 'group'].nunique()}" for k in parts)
@@ -126,7 +133,7 @@ def train_run(
         features = embed_array(probe, parts["train"].images.numpy(), normaliser, show=show_progress)
         decomposition = decompose_classes(features, parts["train"].labels.numpy(), classes, wanted, config.train.seed)
         labels = decomposition.labels
-        parts["train"] = TensorData(parts["train"].images, torch.from_numpy(decomposition.output_labels))
+        parts["train"] = TensorData(parts["train"].images, torch.from_numpy(decomposition.output_labels), parts["train"].draw_weights)
         if ctx.is_main:  # the assignment itself, for review (image paths only, no patient IDs)
             rows = frame.loc[frame["split"] == "train", [c for c in ("path", "slice_index", "label") if c in frame.columns]].copy()
             rows["sub_class"] = [labels.outputs[i] for i in decomposition.output_labels]
@@ -134,7 +141,10 @@ def train_run(
             decomposition.report["assignment"] = "decomposition.csv"
         log("decomposed classes: " + ", ".join(f"{c} -> {v['sub_classes']} ({'/'.join(map(str, v['sizes']))} images)"  # type: ignore[index]
                                               for c, v in decomposition.report["per_class"].items()))  # type: ignore[union-attr]
-    model = CovidClassifier(config.model.backbone, len(labels.outputs), 1, config.model.dropout, config.model.weights, parents=labels.parents).to(device)
+    model = CovidClassifier(config.model.backbone, len(labels.outputs), 1, config.model.dropout, config.model.weights, parents=labels.parents)
+    if config.model.init_from:
+        start_from_run(model, Path(config.model.init_from), classes, size, config)
+    model = model.to(device)
     log(f"model: {spec.name} ({model.weights_source}), {size} px, transfer '{config.model.transfer}', device {device}")
     positive = len(classes) - 1
     result = fit(
@@ -160,6 +170,7 @@ def train_run(
     }
     if decomposition is not None:
         metrics["training"]["decomposition"] = decomposition.report  # type: ignore[index]
+    metrics["training"].update(provenance or {})  # type: ignore[union-attr]
     card: dict[str, object] = {
         "backbone": spec.name,
         "classes": classes,
@@ -176,6 +187,7 @@ def train_run(
         "covidscan_version": __version__,
         "intended_use": DISCLAIMER,
     }
+    card.update(provenance or {})
     if labels.is_decomposed:
         card["labels"] = labels.to_json()
         card["decomposition"] = decomposition.report  # type: ignore[union-attr]
@@ -184,6 +196,22 @@ def train_run(
     card.update(deployed_decision(run_dir, ModelCard.from_json(card), frame, parts, classes, config, log))
     atomic.write_json(run_dir / MODEL_CARD, card)
     return evaluate_run(run_dir, externals, config.evaluate, show_progress, log, metrics=metrics, started=started)
+
+
+def start_from_run(model: CovidClassifier, source: Path, classes: list[str], size: int, config: RunConfig) -> None:
+    """Load a trained run's kept weights into `model`, after checking that the two describe the same network."""
+    from covidscan.train.checkpoint import load_checkpoint
+
+    card = read_model_card(source / MODEL_CARD, f"model.init_from={str(source)!r}: not a trained run folder (no {MODEL_CARD})")
+    wanted = {"backbone": config.model.backbone, "classes": classes, "image size": size, "preprocessing": config.data.preprocess,
+              "outputs": list(classes) if config.model.decompose == "off" else "decomposed"}
+    found = {"backbone": card.raw.get("backbone"), "classes": list(card.classes), "image size": card.size, "preprocessing": card.preprocess,
+             "outputs": list(card.labels.outputs) if not card.labels.is_decomposed else "decomposed"}
+    differing = [f"{k} {found[k]!r} (this run: {wanted[k]!r})" for k in wanted if found[k] != wanted[k]]
+    if card.kind != NETWORK or differing:
+        raise ConfigError(f"model.init_from={str(source)!r} cannot start this run: " + ("it is an ensemble" if card.kind != NETWORK else "; ".join(differing)))
+    load_checkpoint(source / str(card.raw.get("weights") or "checkpoints/best.safetensors"), model)
+    model.weights_source = f"run {source.name} (fine-tuned from its kept weights)"
 
 
 def deployed_decision(

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from covidscan import atomic
 from covidscan.config import TrainConfig
+from covidscan.data.source_augment import imitate_sources
 from covidscan.data.transforms import AugmentConfig, Normaliser, augment, to_float
 from covidscan.evaluate.metrics import auc_roc
 from covidscan.models.classifier import CovidClassifier, HeadPath
@@ -39,12 +40,19 @@ class TensorData:
 
     images: torch.Tensor
     labels: torch.Tensor
+    draw_weights: torch.Tensor | None = None  # per image: sampled with these weights (with replacement) instead of shuffled
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def to(self, device: torch.device) -> TensorData:
-        return TensorData(self.images.to(device), self.labels.to(device))
+        return TensorData(self.images.to(device), self.labels.to(device), self.draw_weights)
+
+
+def source_weights(sources: np.ndarray) -> torch.Tensor:
+    """Draw weights that give every source the same share of an epoch, whatever its size."""
+    names, index, counts = np.unique(sources.astype(str), return_inverse=True, return_counts=True)
+    return torch.from_numpy(1.0 / (len(names) * counts[index])).double()
 
 
 def _memory_format(cfg: TrainConfig) -> torch.memory_format:
@@ -122,7 +130,10 @@ def _train_one_epoch(
     device = data.images.device
     # DDP wraps what trains this epoch: the head alone while the backbone is frozen.
     runner = wrap(ctx, HeadPath(model.dropout, model.head) if model.frozen_backbone else model, device)
-    order = torch.randperm(len(data), generator=generator).to(device)
+    if data.draw_weights is None:
+        order = torch.randperm(len(data), generator=generator).to(device)
+    else:
+        order = torch.multinomial(data.draw_weights, len(data), replacement=True, generator=generator).to(device)
     aug_cfg = AugmentConfig(rotation_deg=cfg.rotation_deg)
     total, seen = 0.0, 0
     for start in range(0, len(data), cfg.batch_size):
@@ -132,6 +143,8 @@ def _train_one_epoch(
         batch = to_float(data.images[index])
         if cfg.augment:
             batch = augment(batch, generator, aug_cfg)
+        if cfg.source_augment > 0:
+            batch = imitate_sources(batch, generator, cfg.source_augment)
         batch = normaliser(batch)[ctx.rank :: ctx.world].contiguous(memory_format=_memory_format(cfg))
         target = data.labels[index][ctx.rank :: ctx.world]
         with _autocast(device, cfg.cpu_bf16):
@@ -161,6 +174,40 @@ def _validate(model: CovidClassifier, data: TensorData, normaliser: Normaliser, 
     }
 
 
+SELECTION_NAMES = {"loss": "loss", "auc": "AUC", "last": "(none: last epoch)"}
+
+
+def selection_rule(select: str, num_classes: int) -> str:
+    """'auc' needs two classes in the validation part; otherwise it falls back to the loss."""
+    return "loss" if select == "auc" and num_classes != 2 else select
+
+
+def _improves(row: dict[str, float], state: dict[str, object], selection: str) -> bool:
+    """Is this epoch better than the kept one? AUC ties (within 1e-4) are broken by the loss."""
+    if selection == "last":
+        return True
+    better_loss = row["val_loss"] < float(state["best_loss"]) - 1e-6  # type: ignore[arg-type]
+    if selection == "loss" or math.isnan(row["val_auc"]):
+        return better_loss
+    best_auc = float(state["best_auc"])  # type: ignore[arg-type]
+    return row["val_auc"] > best_auc + 1e-4 or (abs(row["val_auc"] - best_auc) <= 1e-4 and better_loss)
+
+
+def selection_report(history: list[dict[str, float]], selection: str, kept: int) -> dict[str, object]:
+    """Which epoch was kept and why, and what the other criterion would have kept: a recipe that keeps
+    a head-only epoch while validation AUC kept climbing (issue 14) is visible in the report."""
+    aucs = [r["val_auc"] for r in history if not math.isnan(r["val_auc"])]
+    report: dict[str, object] = {"on": SELECTION_NAMES[selection], "kept_epoch": kept}
+    if aucs:
+        by_auc = max(history, key=lambda r: (r["val_auc"], -r["val_loss"]))
+        kept_row = history[kept - 1] if 0 < kept <= len(history) else by_auc
+        report.update({"best_auc_epoch": int(by_auc["epoch"]), "best_val_auc": float(by_auc["val_auc"]), "kept_val_auc": float(kept_row["val_auc"])})
+        if selection != "last" and kept_row["val_auc"] < by_auc["val_auc"] - 0.05:
+            report["warning"] = (f"the kept epoch {kept} has validation AUC {kept_row['val_auc']:.3f}, epoch {int(by_auc['epoch'])} "
+                                 f"reached {by_auc['val_auc']:.3f}: loss and AUC disagree (consider train.select=auc)")
+    return report
+
+
 def fit(
     model: CovidClassifier,
     train: TensorData,
@@ -174,7 +221,7 @@ def fit(
     log: Callable[[str], None] = print,
     ctx: Dist = Dist(),
 ) -> dict[str, object]:
-    """Train with early stopping on validation loss; leave the best weights in `model`.
+    """Train with early stopping on the selection score (train.select); leave the kept weights in `model`.
 
     `train` labels index the model's outputs (sub-classes when decomposed);
     `val` labels index classes: validation scores the composed probabilities.
@@ -187,10 +234,12 @@ def fit(
     model.to(memory_format=_memory_format(cfg))  # before the optimizer: it holds the parameters themselves
     optimizer = _make_optimizer(model, cfg, transfer)
     loss_weight = _class_weights(train.labels, num_classes) if cfg.class_balanced else None
-    state: dict[str, object] = {"epoch": -1, "best_loss": math.inf, "best_epoch": -1, "bad_epochs": 0, "history": [], "finished": False}
+    state: dict[str, object] = {"epoch": -1, "best_loss": math.inf, "best_auc": -math.inf, "best_epoch": -1, "bad_epochs": 0, "history": [], "finished": False}
+    selection = selection_rule(cfg.select, num_classes=len(val.labels.unique()))
     if resume and (run_dir / LAST).is_file():
         model.freeze_backbone(False)  # parameters must be trainable to load optimizer state
         state = load_checkpoint(run_dir / LAST, model, optimizer)
+        state.setdefault("best_auc", -math.inf)  # checkpoints written before train.select existed
         log(f"resuming after epoch {int(state['epoch']) + 1} from {run_dir / LAST}")
     history: list[dict[str, float]] = list(state["history"])  # type: ignore[arg-type]
     epoch = int(state["epoch"]) + 1
@@ -208,14 +257,15 @@ def fit(
         row.update(_validate(model, val, normaliser, cfg.batch_size, positive))
         row["seconds"] = round(time.perf_counter() - started, 2)
         history.append(row)
-        improved = row["val_loss"] < float(state["best_loss"]) - 1e-6  # type: ignore[arg-type]
+        improved = _improves(row, state, selection)
         if improved:
-            state["best_loss"], state["best_epoch"], state["bad_epochs"] = row["val_loss"], epoch + 1, 0
+            state["best_loss"], state["best_auc"], state["best_epoch"], state["bad_epochs"] = row["val_loss"], row["val_auc"], epoch + 1, 0
             if ctx.is_main:
-                save_checkpoint(run_dir / BEST, model, {"epoch": epoch + 1, "val_loss": row["val_loss"]})
+                save_checkpoint(run_dir / BEST, model, {"epoch": epoch + 1, "val_loss": row["val_loss"], "val_auc": row["val_auc"]})
         else:
             state["bad_epochs"] = int(state["bad_epochs"]) + 1  # type: ignore[call-overload]
-        state["finished"] = int(state["bad_epochs"]) >= cfg.patience or epoch + 1 >= cfg.epochs  # type: ignore[call-overload]
+        stop_early = selection != "last" and int(state["bad_epochs"]) >= cfg.patience  # type: ignore[call-overload]
+        state["finished"] = stop_early or epoch + 1 >= cfg.epochs
         state["epoch"], state["history"] = epoch, history
         model.freeze_backbone(False)
         if ctx.is_main:
@@ -229,13 +279,17 @@ def fit(
             f"({row['seconds']:.1f} s){'  *best' if improved else ''}"
         )
         epoch += 1
-    if int(state["bad_epochs"]) >= cfg.patience and epoch < cfg.epochs:  # type: ignore[call-overload]
-        log(f"early stop: validation loss did not improve for {cfg.patience} epochs")
+    if selection != "last" and int(state["bad_epochs"]) >= cfg.patience and epoch < cfg.epochs:  # type: ignore[call-overload]
+        log(f"early stop: validation {SELECTION_NAMES[selection]} did not improve for {cfg.patience} epochs")
+    selected = selection_report(history, selection, int(state["best_epoch"]))  # type: ignore[call-overload]
+    if "warning" in selected:
+        log(f"WARNING: {selected['warning']}")
     barrier(ctx)
     load_checkpoint(run_dir / BEST, model)
     model.freeze_backbone(False)
     return {
         "best_epoch": state["best_epoch"], "best_val_loss": state["best_loss"], "epochs_run": len(history),
+        "selection": selected,
         "world_size": ctx.world, "ranks_agree": ranks_agree(ctx, model), "history": history,
         "memory_format": "channels_last" if cfg.channels_last else "contiguous", "threads": torch.get_num_threads(),
         "training_precision": "bf16 autocast" if cfg.cpu_bf16 or train.images.device.type == "cuda" else "fp32",
