@@ -11,11 +11,13 @@ per-image ones (JPEG, resampling, marks), so the cost stays small on a CPU.
 """
 from __future__ import annotations
 
+import io
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.io import decode_jpeg, encode_jpeg
+from PIL import Image
 from torchvision.transforms.v2.functional import gaussian_blur
 
 STEPS = ("window", "framing", "marks", "resolution", "blur", "jpeg", "noise")
@@ -105,10 +107,13 @@ def _blur(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def _jpeg(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """JPEG artefacts at quality 15-60, the range of figures saved for the web."""
+    """JPEG artefacts at quality 15-60, the range of figures saved for the web (Pillow's encoder)."""
     quality = int(torch.randint(15, 61, (1,), generator=generator))
-    encoded = encode_jpeg(image.mul(255).round().clamp(0, 255).to(torch.uint8).cpu(), quality=quality)
-    return decode_jpeg(encoded).to(image.device, image.dtype).div(255)
+    gray = image[0].mul(255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(gray).save(buffer, format="JPEG", quality=quality)
+    decoded = np.asarray(Image.open(buffer), dtype=np.float32) / 255.0
+    return torch.from_numpy(decoded).to(image.device, image.dtype).unsqueeze(0)
 
 
 def _noise(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

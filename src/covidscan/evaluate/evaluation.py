@@ -489,7 +489,7 @@ def evaluate_run(
     metrics["test_ci"] = in_domain.get("ci", {})
     metrics["evaluation"] = evaluation
     metrics["decision_support"] = DISCLAIMER
-    metrics["model_card"] = {k: card.get(k) for k in ("calibration", "study_rule", "gate", "tta", "decision_settings", "members", "combiner", "decomposition", "adaptation")
+    metrics["model_card"] = {k: card.get(k) for k in ("calibration", "study_rule", "gate", "tta", "decision_settings", "members", "combiner", "decomposition", "adaptation", "local_finetune", "pretrained_from")
                              if k in card}
     if started is not None:
         metrics["wall_seconds"] = round(time.perf_counter() - started, 1)

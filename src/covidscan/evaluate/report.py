@@ -402,7 +402,35 @@ def _model_html(metrics: dict[str, object], config: RunConfig) -> str:
         text += (f" <strong>Adapted</strong> to {adaptation.get('unlabelled_images')} unlabelled images of {_e(adaptation.get('data'))} "
                  f"({_e(adaptation.get('method'))}, from run {_e(adaptation.get('source_run'))}): the input gate was refitted on those images "
                  "and calibration and thresholds reset to 0.5, as no labelled image of that hospital was used.")
-    return f'<section id="model"><h2>Model</h2><p>{text}</p></section>'
+    return f'<section id="model"><h2>Model</h2><p>{text}</p>{_methods_html(card, training, config)}</section>'
+
+
+def _methods_html(card: dict[str, object], training: dict[str, object], config: RunConfig) -> str:
+    """Which of the methods against a change of hospital (issue 14) this network used, each stated, used or not."""
+    t, selection, finetune = config.train, training.get("selection") or {}, card.get("local_finetune")
+    assert isinstance(selection, dict)
+    kept = (f"{_e(selection.get('on'))}: epoch {_e(selection.get('kept_epoch'))} kept (validation AUC {_fmt(selection.get('kept_val_auc', math.nan))}; "
+            f"best validation AUC {_fmt(selection.get('best_val_auc', math.nan))} at epoch {_e(selection.get('best_auc_epoch'))})"
+            if selection else "validation loss (recorded before train.select existed)")
+    if selection.get("warning"):
+        kept += f' <strong class="warn">{_e(selection["warning"])}</strong>'
+    rows = {
+        "Preprocessing": config.data.preprocess,
+        "Standard augmentation": f"rotation ±{t.rotation_deg:g}°, scale, shift, flip, brightness/contrast/gamma, noise" if t.augment else "off",
+        "Source-imitating augmentation": (f"each step with p = {t.source_augment:g}: resolution loss, JPEG, window/level, figure borders and crops, "
+                                          "arrows and letters, blur, noise") if t.source_augment > 0 else "off",
+        "Source-balanced sampling": "on: every source drawn equally often" if t.balance_sources else "off",
+        "Epoch selection": kept,
+        "Class decomposition (DeTraC)": "on" if card.get("decomposition") else "off",
+        "Started from": _e(card.get("pretrained_from", config.model.weights)),
+        "Local fine-tuning": (f"{_e(finetune.get('patients'))} patients ({_e(finetune.get('images'))} images) of {_e(finetune.get('data'))}, "  # type: ignore[union-attr]
+                              f"+ {_e(finetune.get('replayed_source_images'))} replayed images of run {_e(finetune.get('source_run'))}"  # type: ignore[union-attr]
+                              if isinstance(finetune, dict) else "none"),
+        "Test-time adaptation (AdaBN)": "on (see above)" if card.get("adaptation") else "off",
+        "Test-time augmentation": "mirror-averaged" if card.get("tta") else "off",
+    }
+    body = "".join(f"<tr><td>{name}</td><td>{value}</td></tr>" for name, value in rows.items())
+    return f'<h3>Methods against a change of hospital</h3><table class="text" id="methods">{body}</table>'
 
 
 def _provenance_html(data: dict[str, object]) -> str:
@@ -560,7 +588,7 @@ Model selection, early stopping, calibration, operating points, study rule and g
 <section id="tsne"><h2>Embedding map (t-SNE)</h2>{tsne_html or "<p>Not computed.</p>"}</section>
 {_model_html(metrics, config)}
 <section id="training"><h2>Training</h2>{_loss_svg(history, int(metrics['training'].get('best_epoch') or 0))}
-<p>{f"Best epoch {metrics['training']['best_epoch']} of {metrics['training']['epochs_run']} (lowest validation loss)." if 'best_epoch' in metrics['training'] else "Trained as members (see Model)."}</p></section>
+<p>{f"Kept epoch {metrics['training']['best_epoch']} of {metrics['training']['epochs_run']} (selected on {_e((metrics['training'].get('selection') or {}).get('on', 'loss'))})." if 'best_epoch' in metrics['training'] else "Trained as members (see Model)."}</p></section>
 {_model_card_html(metrics, evaluation, config, classes, externals)}
 </body></html>
 """
