@@ -132,3 +132,13 @@ def test_threshold_calibrates_on_patients_when_they_all_look_alike() -> None:
     alike = distinct * 0.1 + np.ones(distinct.shape[1]) / np.sqrt(distinct.shape[1])  # every patient nearly the same
     alike /= np.linalg.norm(alike, axis=1, keepdims=True)
     assert calibrated_threshold(alike.astype(np.float32), patients) > 0.98
+
+
+def test_auto_splits_by_patient_when_every_image_has_an_id_and_by_cluster_otherwise() -> None:
+    frame, vectors = _patients_as_vectors(n_patients=30)
+    out, report = split_manifest(frame, "auto", vectors, 0.2, 0.2, seed=0)
+    assert report["by"] == "cluster" and out["group"].str.startswith("cluster-").all()
+    frame["patient_id"] = frame["path"].str.split("/").str[2]
+    out, report = split_manifest(frame, "auto", vectors, 0.2, 0.2, seed=0)
+    assert report["by"] == "patient" and out.groupby("patient_id")["split"].nunique().max() == 1
+    assert (out["group"] == out["patient_id"]).all()

@@ -29,7 +29,7 @@ class DataConfig:
 
 @dataclass
 class SplitConfig:
-    by: str = "patient"
+    by: str = "patient"  # patient | cluster (image-similarity groups, when patient IDs are missing) | auto (patient if every image has one) | random
     test_size: float = 0.2
     val_size: float = 0.2  # share of the whole data set
     seed: int = 0

@@ -106,7 +106,7 @@ def split_by_patient(
 # above this similarity are treated as the same scene (neighbouring slices, duplicates).
 NEAR_DUPLICATE_SIMILARITY = 0.92
 MAX_LEAKAGE_SHARE = 0.02  # a split leaking more test images than this is flagged
-SPLIT_METHODS = ("patient", "cluster", "random")
+SPLIT_METHODS = ("patient", "cluster", "random", "auto")  # auto: patient when every image has a patient ID, else cluster
 
 
 def default_group_count(n_images: int) -> int:
@@ -299,6 +299,8 @@ def split_manifest(
         raise DataError(where, f"only one class ({labels[0]!r}) in the manifest: a split needs at least two classes to stratify and to evaluate")
     out = frame.copy()
     warning = ""
+    if by == "auto":
+        by = "patient" if "patient_id" in frame.columns and (frame["patient_id"].astype(str).str.strip() != "").all() else "cluster"
     if by == "patient":
         groups = check_patient_groups(frame, where).to_numpy()
     elif by == "cluster":
