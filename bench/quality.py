@@ -98,7 +98,9 @@ def p4_manifests(p1_run: Path, paths: dict[str, Path], folder: Path) -> tuple[Pa
     return folder / "p4.csv", folder / "sarscov2-ct-heldout.csv"
 
 
-def protocol_commands(protocol: str, config: list[str], sets: list[str], paths: dict[str, Path], out: Path) -> list[tuple[Path, list[str]]]:
+def protocol_commands(
+    protocol: str, config: list[str], sets: list[str], paths: dict[str, Path], out: Path, draws: tuple[int, ...] = P5_DRAWS
+) -> list[tuple[Path, list[str]]]:
     """(run folder, command) pairs of one protocol."""
     overrides = [arg for item in QUICK + sets for arg in ("--set", item)]
     train = [COVIDSCAN, "train", "--quiet", *config, *overrides]
@@ -117,7 +119,7 @@ def protocol_commands(protocol: str, config: list[str], sets: list[str], paths: 
     finetune = [arg for item in QUICK + [s for s in sets if s.startswith("train.threads")] for arg in ("--set", item)]
     return [(out / "P5" / f"k{k}-d{d}", [COVIDSCAN, "finetune", "--quiet", str(out / "P1"), str(paths["ucsd-train"]), "--patients", str(k),
                                          "--draw", str(d), "--external", str(paths["ucsd-val"]), *finetune, "-o", str(out / "P5" / f"k{k}-d{d}")])
-            for k in P5_PATIENTS for d in P5_DRAWS]
+            for k in P5_PATIENTS for d in draws]
 
 
 # ---------------------------------------------------------------- tables
@@ -218,6 +220,7 @@ def main() -> None:
     parser.add_argument("--set", dest="sets", action="append", default=[], help="override, e.g. train.threads=2 (repeatable)")
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
+    parser.add_argument("--draw", type=int, action="append", help="P5: only these draws (to share the draws between two processes)")
     parser.add_argument("--table", action="store_true", help="print the tables of every name under --out and exit")
     args = parser.parse_args()
     if args.table:
@@ -234,7 +237,7 @@ def main() -> None:
     timing_file = out / "timing.json"
     for protocol in args.protocol or PROTOCOLS:
         seconds = 0.0
-        for folder, command in protocol_commands(protocol, config, args.sets, paths, out):
+        for folder, command in protocol_commands(protocol, config, args.sets, paths, out, tuple(args.draw or P5_DRAWS)):
             if (folder / "metrics.json").is_file() or (folder / "cv.json").is_file():  # finished runs are kept
                 continue
             if folder.exists():  # an interrupted run starts again
