@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -77,14 +78,21 @@ def manifests(data: Path, folder: Path) -> dict[str, Path]:
     ucsd = pd.read_csv(paths["ucsd-covid-ct"], keep_default_na=False)
     train, val = ucsd[ucsd["official_split"] == "train"].copy(), ucsd[ucsd["official_split"] == "val"].copy()
     paths["ucsd-train"], paths["ucsd-val"], paths["p2"] = folder / "ucsd-train.csv", folder / "ucsd-val.csv", folder / "p2.csv"
-    train.to_csv(paths["ucsd-train"], index=False)
-    val.to_csv(paths["ucsd-val"], index=False)
+    _write(train, paths["ucsd-train"])
+    _write(val, paths["ucsd-val"])
     train["split"] = np.where(_patient_split(train, 0.2, seed=0), "val", "train")
     val["split"] = "test"
     p2 = pd.concat([train, val], ignore_index=True)
     p2["group"] = p2["patient_id"]
-    p2.to_csv(paths["p2"], index=False)
+    _write(p2, paths["p2"])
     return paths
+
+
+def _write(frame: pd.DataFrame, path: Path) -> None:
+    """Atomic (two bench processes may share the manifests folder): a reader never sees a half-written file."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    frame.to_csv(temporary, index=False)
+    os.replace(temporary, path)
 
 
 def p4_manifests(p1_run: Path, paths: dict[str, Path], folder: Path) -> tuple[Path, Path]:
@@ -93,8 +101,8 @@ def p4_manifests(p1_run: Path, paths: dict[str, Path], folder: Path) -> tuple[Pa
     p2 = pd.read_csv(paths["p2"], keep_default_na=False)
     combined = pd.concat([sars[sars["split"] != "test"], p2], ignore_index=True).fillna("")
     held_out = sars[sars["split"] == "test"].drop(columns=["split"])
-    combined.to_csv(folder / "p4.csv", index=False)
-    held_out.to_csv(folder / "sarscov2-ct-heldout.csv", index=False)
+    _write(combined, folder / "p4.csv")
+    _write(held_out, folder / "sarscov2-ct-heldout.csv")
     return folder / "p4.csv", folder / "sarscov2-ct-heldout.csv"
 
 
