@@ -204,7 +204,7 @@ def protocol_rows(name: str, out: Path) -> list[dict[str, str]]:
         rows.append({"protocol": "P5", "evaluated on": f"ucsd-covid-ct official validation part, k = {k} patients ({len(values)} draws)",
                      "slice AUC": f"{ucsd.mean():.3f} ± {ucsd.std(ddof=1) if len(ucsd) > 1 else 0:.3f} (draws: {', '.join(f'{v:.3f}' for v in ucsd)})",
                      "F1": "", "sensitivity / specificity": "", "patient AUC": "",
-                     "refused": f"sarscov2-ct test AUC after: {source.mean():.3f}", "wall min": f"{timing.get('P5', 0) / 60:.1f}" if k == min(by_k) else ""})
+                     "refused": f"sarscov2-ct test AUC after: {source.mean():.3f}", "wall min": f"{timing['P5'] / 60:.1f}" if k == min(by_k) and "P5" in timing else ""})
     return [{"name": name, **row} for row in rows]
 
 

@@ -43,6 +43,35 @@ def test_selection_on_auc_keeps_the_epoch_that_ranks_best_where_loss_keeps_the_h
     assert selection_rule("auc", num_classes=3) == "loss" and selection_rule("auc", num_classes=2) == "auc"
 
 
+def test_fit_keeps_the_epoch_its_selection_names_while_drawing_by_source_with_source_augmentation(tiny_phantom: Path, tmp_path: Path) -> None:
+    """The training loop's wiring: train.select reaches the kept epoch; draw weights and source_augment run through it."""
+    from covidscan.config import TrainConfig
+    from covidscan.data.io import load_image_array
+    from covidscan.data.manifest import image_refs
+    from covidscan.data.sources import index_folder
+    from covidscan.data.transforms import Normaliser
+    from covidscan.models.classifier import CovidClassifier
+    from covidscan.seed import seed_everything
+    from covidscan.train.engine import TensorData, fit, source_weights
+
+    frame = index_folder(tiny_phantom)
+    images = torch.from_numpy(load_image_array(image_refs(frame), 48, show=False))
+    labels = torch.from_numpy((frame["label"] == "COVID").to_numpy().astype(np.int64))
+    order = torch.from_numpy(np.random.default_rng(0).permutation(len(frame)))
+    images, labels = images[order], labels[order]
+    weights = source_weights(np.array(["a"] * 24 + ["b"] * 8))
+    train, val = TensorData(images[:32], labels[:32], weights), TensorData(images[32:], labels[32:])
+    for select in ("auc", "loss"):
+        seed_everything(0)
+        model = CovidClassifier("efficientnet_lite0", 2, 1, 0.25, "imagenet")
+        cfg = TrainConfig(epochs=4, batch_size=8, patience=10, seed=0, select=select, source_augment=0.5)
+        result = fit(model, train, val, cfg, "shallow", Normaliser(0.5, 0.5), tmp_path / select, log=lambda m: None)
+        history = result["history"]
+        best = (max(history, key=lambda r: (r["val_auc"], -r["val_loss"])) if select == "auc" else min(history, key=lambda r: r["val_loss"]))
+        assert result["best_epoch"] == best["epoch"] and result["selection"]["kept_epoch"] == best["epoch"]
+        assert result["selection"]["on"] == ("AUC" if select == "auc" else "loss")
+
+
 def test_auc_ties_are_broken_by_the_lower_loss() -> None:
     history = _history([0.60, 0.50, 0.55], [0.80, 0.80, 0.79])
     assert _kept("auc", history) == 2

@@ -115,7 +115,7 @@ def audit_command(
 def split_command(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Manifest CSV to write, with group and split (or fold) columns.")],
-    by: Annotated[str, typer.Option(help="patient (needs IDs), cluster (image-similarity groups; default without IDs) or random (leaky, demo only).")] = "auto",
+    by: Annotated[str, typer.Option(help="auto (patient when every image has an ID, else cluster), patient, cluster (image-similarity groups) or random (leaky, demo only).")] = "auto",
     test_size: Annotated[float, typer.Option(help="Share held out for testing.")] = 0.2,
     val_size: Annotated[float, typer.Option(help="Share for validation (model selection).")] = 0.2,
     folds: Annotated[int, typer.Option(help="Write K cross-validation folds (column 'fold') instead of train/val/test.")] = 0,
@@ -132,15 +132,13 @@ def split_command(
     from covidscan.models.embed import manifest_embeddings
 
     frame = load_manifest(manifest)
-    if by == "auto":
-        by = "patient" if (frame["patient_id"].astype(str).str.strip() != "").all() else "cluster"
     vectors = manifest_embeddings(frame, embeddings or out.with_suffix(".embeddings.npz"), show=not quiet)
     result, report = split_manifest(frame, by, vectors, test_size, val_size, seed, folds, groups, threshold, str(manifest))
     save_manifest(result, out)
     atomic.write_json(out.with_suffix(".split.json"), report)
     if report["warning"]:
         console.print(f"[bold red]warning:[/bold red] {escape(str(report['warning']))}")
-    _log(f"split by {by}: {report['groups']} groups -> {out} (+ {out.with_suffix('.split.json').name})")
+    _log(f"split by {report['by']}: {report['groups']} groups -> {out} (+ {out.with_suffix('.split.json').name})")
     leaks = report.get("leakage_per_fold") or [report["leakage_test"]]
     for k, leak in enumerate(leaks):  # type: ignore[arg-type]
         name = f"fold {k}" if folds else "test"

@@ -109,16 +109,13 @@ def train_run(
     parts: dict[str, TensorData] = {}
     for split in ("train", "val", "test"):
         rows = frame[frame["split"] == split]
-        if split == "train" and config.train.balance_sources:
-            counts = rows["source"].astype(str).value_counts() if "source" in rows.columns else pd.Series(dtype=int)
-            log("source-balanced sampling: " + (", ".join(f"{k} {v} images" for k, v in counts.items()) + " drawn equally often"
-                                                if len(counts) > 1 else "only one source in the training part; nothing to balance"))
         if rows.empty or rows["label"].nunique() < (2 if split != "test" else 1):
             raise DataError(run_dir / "manifest.csv", f"split {split!r} has {len(rows)} images of {rows['label'].nunique()} class(es); too few patients to train and test")
         images = load_image_array(image_refs(rows), size, f"loading {split} images", show_progress, config.data.preprocess)
         labels = np.array([classes.index(label) for label in rows["label"]], np.int64)
-        weights = source_weights(rows["source"].to_numpy()) if split == "train" and config.train.balance_sources and "source" in rows.columns else None
-        parts[split] = TensorData(torch.from_numpy(images), torch.from_numpy(labels), weights)
+        parts[split] = TensorData(torch.from_numpy(images), torch.from_numpy(labels))
+    if config.train.balance_sources:
+        parts["train"] = balanced_by_source(parts["train"], frame[frame["split"] == "train"], log)
     log(
         "images: " + ", ".join(f"{k} {len(v)}" for k, v in parts.items())
         + " | groups: " + ", ".join(f"{k} {frame.loc[frame['split'] == k, 'group'].nunique()}" for k in parts)
@@ -196,6 +193,17 @@ def train_run(
     card.update(deployed_decision(run_dir, ModelCard.from_json(card), frame, parts, classes, config, log))
     atomic.write_json(run_dir / MODEL_CARD, card)
     return evaluate_run(run_dir, externals, config.evaluate, show_progress, log, metrics=metrics, started=started)
+
+
+def balanced_by_source(train: TensorData, rows: pd.DataFrame, log: Callable[[str], None]) -> TensorData:
+    """The training part drawn so that every source (manifest column 'source') fills an equal share of an epoch."""
+    sources = rows["source"].astype(str).to_numpy() if "source" in rows.columns else np.full(len(rows), "")
+    counts = pd.Series(sources).value_counts()
+    if len(counts) < 2:
+        log("source-balanced sampling: only one source in the training part; nothing to balance")
+        return train
+    log("source-balanced sampling: " + ", ".join(f"{k} {v} images" for k, v in counts.items()) + " drawn equally often")
+    return TensorData(train.images, train.labels, source_weights(sources))
 
 
 def start_from_run(model: CovidClassifier, source: Path, classes: list[str], size: int, config: RunConfig) -> None:

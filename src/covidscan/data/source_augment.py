@@ -44,10 +44,16 @@ def _framing(x: torch.Tensor, chosen: torch.Tensor, generator: torch.Generator) 
     fill = torch.where(torch.rand(n, generator=generator) < 0.6, torch.ones(n), torch.rand(n, generator=generator) * 0.3)
     zero = torch.zeros(n)
     theta = torch.stack([torch.stack([zoom, zero, tx], 1), torch.stack([zero, zoom, ty], 1)], 1).to(x)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    warped = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    inside = F.grid_sample(torch.ones_like(x), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return warped + (1 - inside) * fill.to(x).view(n, 1, 1, 1)
+    index = chosen.nonzero().flatten().to(x.device)  # only the chosen images are resampled
+    if index.numel() == 0:
+        return x
+    part = x[index]
+    grid = F.affine_grid(theta[index], list(part.shape), align_corners=False)
+    warped = F.grid_sample(part, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    inside = F.grid_sample(torch.ones_like(part), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out = x.clone()
+    out[index] = warped + (1 - inside) * fill.to(x)[index].view(-1, 1, 1, 1)
+    return out
 
 
 def _segment_mask(size: int, start: torch.Tensor, end: torch.Tensor, width: float) -> torch.Tensor:
