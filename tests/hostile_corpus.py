@@ -174,7 +174,8 @@ def dicom(
     stored = ct_volume((64, 64, 1))[:, :, 0] + 1024 if pixels is None else pixels
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
+    # a fixed UID: a random one could contain a `replace` sentinel such as "9876" (it once did, in CI)
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["covidscan hostile corpus"])
     meta.TransferSyntaxUID = UID(syntax)
     ds = Dataset()
     ds.file_meta = meta
