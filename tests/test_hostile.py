@@ -163,7 +163,7 @@ def test_health_answers_within_a_second_while_a_heavy_upload_is_decoded(live: in
 
     frame = pd.read_csv(tiny_run / "manifest.csv", keep_default_na=False)
     grays = [np.asarray(Image.open(p).convert("L").resize((192, 192))) for p in frame["path"][:8]]
-    hu = [np.rot90(-1350.0 + g.astype(np.float32) / 255.0 * 1500.0, -1) for g in grays]
+    hu = [np.rot90(np.fliplr(-1350.0 + g.astype(np.float32) / 255.0 * 1500.0), -1) for g in grays]  # read back as g
     volume = corpus.nifti(np.stack([hu[i % len(hu)] for i in range(400)], axis=2).astype(np.int16), gz=True)  # 400 slices to decode
     assert len(volume) < 15_000_000
     case = corpus.Case("heavy", [("v.nii.gz", volume, corpus.GZIP)], (200, 422))

@@ -142,7 +142,7 @@ def test_nifti_volume_gives_per_slice_and_study_results(client: TestClient, tiny
     import nibabel as nib
 
     grays = [np.asarray(Image.open(p).convert("L")).astype(np.float32) for p in _slices(tiny_run, count=4)]
-    volume = np.stack([np.rot90(-1350.0 + g / 255.0 * 1500.0, -1) for g in grays], axis=2).astype(np.int16)
+    volume = np.stack([np.rot90(np.fliplr(-1350.0 + g / 255.0 * 1500.0), -1) for g in grays], axis=2).astype(np.int16)  # read back as g
     data = gzip.compress(nib.Nifti1Image(volume, np.eye(4)).to_bytes())
     response = client.post("/api/v1/predict", files=[("files", ("scan.nii.gz", data, "application/gzip"))])
     assert response.status_code == 200, response.text

@@ -275,7 +275,32 @@ def _dicom_pixels(ds: object, raw: np.ndarray, ct_window: tuple[float, float]) -
             pixels = (values - np.float32(low)) / np.float32(high - low) if high > low else np.zeros_like(values)
     if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
         pixels = 1.0 - pixels
-    return finite01(pixels.astype(np.float32, copy=False))
+    return finite01(radiological(pixels.astype(np.float32, copy=False), ds))
+
+
+def radiological(frame: np.ndarray, ds: object) -> np.ndarray:
+    """An axial frame turned to the radiological display (patient right on image left, anterior at the top).
+
+    Most scanners store axial slices that way already (ImageOrientationPatient [1, 0, 0, 0, 1, 0]); a
+    series stored mirrored or transposed is flipped back here, at training and serving time alike.
+    Other planes, and files without an orientation, are left as stored."""
+    try:
+        cosines = np.array([float(v) for v in ds.ImageOrientationPatient], float)  # type: ignore[attr-defined]
+    except (AttributeError, TypeError, ValueError):
+        return frame
+    if cosines.shape != (6,) or not np.isfinite(cosines).all():
+        return frame
+    row, column = cosines[:3], cosines[3:]
+    normal = np.cross(row, column)
+    if abs(normal[2]) < max(abs(normal[0]), abs(normal[1])):
+        return frame  # not axial
+    if abs(row[1]) > abs(row[0]):  # columns run front to back: transpose first
+        frame, row, column = frame.T, column, row
+    if row[0] < 0:  # columns run toward the patient's right: mirror
+        frame = frame[:, ::-1]
+    if column[1] < 0:  # rows run toward the front: upside down
+        frame = frame[::-1, :]
+    return np.ascontiguousarray(frame)
 
 
 def _dicom_meta(ds: object, raw: np.ndarray) -> dict[str, object]:

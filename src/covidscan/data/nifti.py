@@ -131,8 +131,9 @@ class Volume:
         return bool(finite.min() < -500), float(low), float(high)
 
     def slice_pixels(self, index: int, stats: tuple[bool, float, float], ct_window: tuple[float, float] = LUNG_WINDOW) -> np.ndarray:
-        """One axial slice as float32 [0, 1] (canonical RAS, rotated so rows run anterior to posterior)."""
-        values = self._scaled(np.rot90(self.voxels[:, :, index]))
+        """One axial slice as float32 [0, 1], displayed as radiologists read it: anterior at the top, the patient's
+        right on the image's left (canonical RAS turned so rows run anterior to posterior, then mirrored)."""
+        values = self._scaled(np.fliplr(np.rot90(self.voxels[:, :, index])))
         hu, low, high = stats
         with np.errstate(over="ignore", invalid="ignore"):
             if hu:
