@@ -131,3 +131,33 @@ def test_nifti_marker_on_the_patients_right_is_shown_on_image_left(tmp_path: Pat
     nib.save(nib.Nifti1Image(volume, np.eye(4)), path)
     pixels = cio.read_image(path, 0).pixels
     assert pixels[:8, :8].mean() > 0.99 and pixels[:, 16:].max() < 0.5 and pixels[16:, :].max() < 0.5
+
+
+def test_a_pacs_export_of_compressed_extension_less_series_indexes_and_audits(tmp_path: Path) -> None:
+    """The issue's Siemens series: `data index` succeeded, then `audit` stopped with KeyError 'pixel_sha256'."""
+    from covidscan.data.audit import run_audit
+    from covidscan.data.sources import index_folder
+
+    for label, seed in (("COVID", 0), ("non-COVID", 1)):
+        for patient in ("p1", "p2"):
+            write_ct_series(tmp_path / label / f"{label}-{patient}", chest_volume(32, 3, seed), LOSSLESS_SYNTAXES["jpeg-lossless"],
+                            patient_id=f"{label}-{patient}", series_number=2)
+            write_ct_series(tmp_path / label / f"{label}-{patient}" / "scout", chest_volume(32, 1, 5), patient_id=f"{label}-{patient}",
+                            series_number=1, image_type="ORIGINAL\\PRIMARY\\LOCALIZER")
+    frame = index_folder(tmp_path)
+    assert len(frame) == 12 and not frame["path"].str.contains("scout").any()  # 4 patients x 3 slices, no scout
+    result = run_audit(frame, show=False)
+    assert result.properties["readable"].all()
+
+
+def test_audit_with_no_decodable_image_says_why(tmp_path: Path) -> None:
+    from covidscan.data.audit import run_audit
+    from covidscan.data.manifest import new_manifest
+    from covidscan.errors import DataError
+
+    for name in ("a.dcm", "b.dcm"):
+        (tmp_path / name).write_bytes(b"\0" * 128 + b"DICM" + b"garbage")
+    frame = new_manifest([{"path": str(tmp_path / n), "label": lab, "patient_id": "", "source": "x"}
+                          for n, lab in (("a.dcm", "COVID"), ("b.dcm", "non-COVID"))])
+    with pytest.raises(DataError, match="none of the 2 images could be read; 2 x DICOM file holds no pixel data"):
+        run_audit(frame, show=False)

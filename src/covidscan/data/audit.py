@@ -23,7 +23,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from covidscan.data.io import read_image
 from covidscan.data.manifest import image_refs
-from covidscan.errors import CovidscanError, ImageReadError
+from covidscan.errors import CovidscanError, DataError, ImageReadError
 from covidscan.progress import track
 
 FILE_PROPERTIES_CATEGORICAL = ("format", "mode", "bit_depth", "size", "source", "modality", "view")
@@ -207,6 +207,10 @@ def run_audit(frame: pd.DataFrame, thresholds: AuditThresholds | None = None, sh
     t = thresholds or AuditThresholds()
     started = time.perf_counter()
     props = measure_images(frame.reset_index(drop=True), show)
+    if len(props) and not props["readable"].any():  # nothing to measure: say why instead of failing on a missing column
+        reasons = props["error"].astype(str).value_counts()
+        raise DataError(str(props.at[0, "path"]), f"none of the {len(props)} images could be read; "
+                        + "; ".join(f"{count} x {reason}" for reason, count in reasons.head(3).items()))
     flags: list[list[str]] = [[] for _ in range(len(props))]
     for i, row in props.iterrows():
         if not row["readable"]:

@@ -88,17 +88,22 @@ def _dicom_text(value: object) -> str:
 
 
 def _dicom_header(path: Path) -> tuple[int, str, dict[str, str]]:
-    """(frames, pseudonymous patient key, acquisition fields) from a DICOM header, without pixel data.
+    """(frames, pseudonymous patient key, acquisition fields) from a DICOM header, without pixel data; 0 frames for
+    a scout / localizer image (a planning view that is not a slice to classify).
 
     The acquisition fields (manufacturer, scanner model, reconstruction kernel,
     slice thickness) become manifest columns, so results can be reported per scanner.
     """
     import pydicom
 
+    from covidscan.data.study import is_scout
+
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception as exc:
         raise ImageReadError(path, f"not a valid DICOM file ({exc})") from None
+    if is_scout(ds):
+        return 0, "", {}
     pid = str(getattr(ds, "PatientID", "") or "")
     acquisition = {column: _dicom_text(getattr(ds, keyword, None)) for column, keyword in ACQUISITION_FIELDS.items()}
     return int(getattr(ds, "NumberOfFrames", 1) or 1), patient_key(pid) if pid else "", acquisition
@@ -112,6 +117,8 @@ def image_rows(path: Path, label: str, patient_id: str, source: str) -> list[dic
         slices = nifti_slice_count(path)
     elif is_dicom_file(path):
         slices, key, acquisition = _dicom_header(path)
+        if slices == 0:
+            return []  # a scout
         base.update(acquisition)
         if not patient_id and key:
             base["patient_id"] = key

@@ -64,6 +64,13 @@ class StudyPlan:
                 + (f"; {len(self.skipped)} file(s) skipped" if self.skipped else ""))
 
 
+def is_scout(ds: object) -> bool:
+    """A scout / localizer image (ImageType LOCALIZER or SCOUT): a planning view, not a slice to classify."""
+    value = getattr(ds, "ImageType", None) or []
+    image_type = "\\".join(str(v).upper() for v in ([value] if isinstance(value, str) else value))
+    return any(kind in image_type for kind in _SCOUT_TYPES)
+
+
 def _number(value: object) -> float | None:
     try:
         number = float(value)  # type: ignore[arg-type]
@@ -99,7 +106,6 @@ def read_header(data: bytes | io.BufferedIOBase | object, source: str) -> SliceH
         ds = pydicom.dcmread(stream, stop_before_pixels=True, force=True)  # type: ignore[arg-type]
         if "SOPClassUID" not in ds and "Rows" not in ds:
             raise ImageReadError(source, "not a DICOM image (no SOP class, no image size)")
-        image_type = "\\".join(str(v).upper() for v in (ds.get("ImageType") or []))
         uid = str(ds.get("SeriesInstanceUID", "") or "")
         key = uid or f"{ds.get('Rows')}x{ds.get('Columns')}:{ds.get('ImageOrientationPatient')}"
         instance, number = _number(ds.get("InstanceNumber")), _number(ds.get("SeriesNumber"))
@@ -107,7 +113,7 @@ def read_header(data: bytes | io.BufferedIOBase | object, source: str) -> SliceH
             source=source, series=hashlib.sha256(key.encode()).hexdigest()[:10],
             series_number=int(number) if number is not None else None, instance=int(instance) if instance is not None else None,
             position=_position(ds), thickness=_number(ds.get("SliceThickness")),
-            scout=any(kind in image_type for kind in _SCOUT_TYPES), frames=max(int(_number(ds.get("NumberOfFrames")) or 1), 1),
+            scout=is_scout(ds), frames=max(int(_number(ds.get("NumberOfFrames")) or 1), 1),
             modality=str(ds.get("Modality", "") or ""),
         )
     except ImageReadError:
