@@ -123,7 +123,7 @@ def test_dicom_series_gives_slices_and_a_study_without_patient_fields(client: Te
     response = client.post("/api/v1/predict?study=true", files=files)
     assert response.status_code == 200, response.text
     body = response.json()
-    assert [r["kind"] for r in body["results"]] == ["dicom"] * 3
+    assert [r["kind"] for r in body["results"]] == ["dicom-series"] and len(body["results"][0]["slices"]) == 3  # one series
     assert body["study"]["slices_used"] + body["study"]["slices_refused"] == 3
     from covidscan.decision import aggregate_scores, rule_name
 
@@ -134,6 +134,9 @@ def test_dicom_series_gives_slices_and_a_study_without_patient_fields(client: Te
     assert body["study"]["probability"] == pytest.approx(aggregate_scores(kept, card["study_rule"]), abs=1e-6)
     text = response.text
     assert FAKE_PATIENT_ID not in text and "19700101" not in text and "Jane" not in text.replace(f"{FAKE_PATIENT_NAME}-", "")
+    for number in (1, 3):  # the viewer's images carry no header at all, only pixels
+        image = client.get(body["viewer"]["slice_url"].format(n=number))
+        assert image.status_code == 200 and image.content.startswith(b"\x89PNG") and FAKE_PATIENT_ID.encode() not in image.content
 
 
 def test_nifti_volume_gives_per_slice_and_study_results(client: TestClient, tiny_run: Path, tmp_path: Path) -> None:

@@ -48,6 +48,7 @@ class ImageData:
 
     pixels: np.ndarray
     meta: dict[str, object] = field(default_factory=dict)
+    hu: np.ndarray | None = None  # CT DICOM read with keep_hu: the frame in HU (viewers window it themselves)
 
 
 def _suffix(path: Path) -> str:
@@ -251,17 +252,33 @@ def _float_attr(ds: object, keyword: str, default: float) -> float:
     return value if np.isfinite(value) else default
 
 
-def _dicom_pixels(ds: object, raw: np.ndarray, ct_window: tuple[float, float]) -> np.ndarray:
-    """One frame of stored values -> float32 [0, 1]: modality LUT to HU, CT window or VOI LUT, MONOCHROME1 inverted."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+def _modality_values(ds: object, raw: np.ndarray) -> np.ndarray:
+    """Stored values -> modality values (HU for CT), float32."""
+    from pydicom.pixels import apply_modality_lut
 
     if "ModalityLUTSequence" in ds:  # type: ignore[operator]
-        values = apply_modality_lut(raw, ds).astype(np.float32)
-    else:  # the common rescale: float32 arithmetic, no float64 copy of a large image
-        values = raw.astype(np.float32)
-        values *= np.float32(_float_attr(ds, "RescaleSlope", 1.0))
-        values += np.float32(_float_attr(ds, "RescaleIntercept", 0.0))
-    if str(getattr(ds, "Modality", "") or "") == "CT":
+        return apply_modality_lut(raw, ds).astype(np.float32)
+    values = raw.astype(np.float32)  # the common rescale: float32 arithmetic, no float64 copy of a large image
+    values *= np.float32(_float_attr(ds, "RescaleSlope", 1.0))
+    values += np.float32(_float_attr(ds, "RescaleIntercept", 0.0))
+    return values
+
+
+def is_ct(ds: object) -> bool:
+    return str(getattr(ds, "Modality", "") or "") == "CT"
+
+
+def dicom_hu(ds: object, raw: np.ndarray) -> np.ndarray:
+    """One CT frame in HU, in the radiological display orientation (for viewers' window presets)."""
+    return radiological(_modality_values(ds, raw), ds)
+
+
+def _dicom_pixels(ds: object, raw: np.ndarray, ct_window: tuple[float, float]) -> np.ndarray:
+    """One frame of stored values -> float32 [0, 1]: modality LUT to HU, CT window or VOI LUT, MONOCHROME1 inverted."""
+    from pydicom.pixels import apply_voi_lut
+
+    values = _modality_values(ds, raw)
+    if is_ct(ds):
         pixels = window(values, *ct_window, in_place=True)  # no second full-size copy
     else:
         if "VOILUTSequence" in ds or "WindowCenter" in ds:  # type: ignore[operator]
@@ -328,11 +345,13 @@ def _decoded_dicom(data: bytes, where: str, max_pixels: int) -> tuple[object, np
     return ds, raw, meta
 
 
-def iter_dicom(data: bytes, where: str, ct_window: tuple[float, float] = LUNG_WINDOW, max_pixels: int = MAX_PIXELS) -> Iterator[ImageData]:
-    """Every frame of a DICOM file, decoded once."""
+def iter_dicom(data: bytes, where: str, ct_window: tuple[float, float] = LUNG_WINDOW, max_pixels: int = MAX_PIXELS,
+               keep_hu: bool = False) -> Iterator[ImageData]:
+    """Every frame of a DICOM file, decoded once (with `keep_hu`, CT frames also in HU)."""
     ds, raw, meta = _decoded_dicom(data, where, max_pixels)
     for frame in raw:
-        yield ImageData(pixels=_dicom_pixels(ds, frame, ct_window), meta=dict(meta))
+        hu = dicom_hu(ds, frame) if keep_hu and is_ct(ds) else None
+        yield ImageData(pixels=_dicom_pixels(ds, frame, ct_window), meta=dict(meta), hu=hu)
 
 
 def read_dicom(
@@ -446,7 +465,7 @@ def sniff_kind(data: bytes) -> str:
     return "raster"
 
 
-def iter_image_bytes(data: bytes, name: str = "upload", max_pixels: int = MAX_UPLOAD_PIXELS) -> Iterator[ImageData]:
+def iter_image_bytes(data: bytes, name: str = "upload", max_pixels: int = MAX_UPLOAD_PIXELS, keep_hu: bool = False) -> Iterator[ImageData]:
     """Every slice/frame of an uploaded file, read in memory, recognised by content, decoded lazily.
 
     PNG/JPEG/BMP/TIFF give one image; a multi-frame DICOM or a NIfTI volume
@@ -459,7 +478,7 @@ def iter_image_bytes(data: bytes, name: str = "upload", max_pixels: int = MAX_UP
         raise ImageReadError(name, "file is empty (0 bytes)")
     kind = sniff_kind(data)
     if kind == "dicom":
-        yield from iter_dicom(data, name, max_pixels=max_pixels)
+        yield from iter_dicom(data, name, max_pixels=max_pixels, keep_hu=keep_hu)
     elif kind in ("nifti", "nifti.gz"):
         volume = nifti.volume_from_bytes(data, name, gz=kind == "nifti.gz")
         if volume.voxels.shape[0] * volume.voxels.shape[1] > max_pixels:

@@ -62,18 +62,27 @@ def lung_box(pixels: np.ndarray) -> tuple[int, int, int, int] | None:
 
 def prepare_image(pixels: np.ndarray, size: int, method: str = "none") -> np.ndarray:
     """Gray float image in [0, 1] of any size -> uint8 (size, size), by `method`."""
+    return prepare_with_box(pixels, size, method)[0]
+
+
+def prepare_with_box(pixels: np.ndarray, size: int, method: str = "none") -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """`prepare_image`, and the part of the image the model saw as (top, bottom, left, right) fractions of its
+    height and width (the whole image unless lung_crop cut a box): viewers place the heat map there."""
     from covidscan.data.io import resize_gray
 
     if method not in PREPROCESSING:
         raise ValueError(f"unknown preprocessing {method!r}; choose one of {', '.join(PREPROCESSING)}")
     pixels = np.asarray(pixels, np.float32)
+    height, width = pixels.shape
+    seen = (0.0, 1.0, 0.0, 1.0)
     if "lung_crop" in method:
         box = lung_box(pixels)
         if box is not None:
             pixels = pixels[box[0] : box[1], box[2] : box[3]]
+            seen = (box[0] / height, box[1] / height, box[2] / width, box[3] / width)
     image = resize_gray(pixels, size)
     if "clahe" in method:
         from skimage.exposure import equalize_adapthist
 
         image = np.clip(np.round(equalize_adapthist(image, kernel_size=max(8, size // 8), clip_limit=0.01) * 255.0), 0, 255).astype(np.uint8)
-    return image
+    return image, seen

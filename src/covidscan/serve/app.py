@@ -1,7 +1,8 @@
 """REST API and web page over an exported bundle (FastAPI + ONNX Runtime; torch is never imported).
 
 Routes: GET / (the page), GET /api/v1/health, GET /api/v1/model, POST /api/v1/predict,
-OpenAPI docs at /docs (Swagger UI served from the package, no CDN). Every error
+GET /api/v1/studies/{id}/slices/{n}.png and .../heatmaps/{n}.png (the viewer's images of a study
+analysed in the last half hour), OpenAPI docs at /docs (Swagger UI served from the package, no CDN). Every error
 is JSON {error, detail} with a 4xx status; uploads stay in memory and are never
 written under a user-given name; no DICOM patient field is read into a response
 or a log line.
@@ -31,7 +32,7 @@ import numpy as np
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.concurrency import run_in_threadpool
@@ -42,14 +43,15 @@ from covidscan import DISCLAIMER
 from covidscan.data.io import ImageReadError, iter_image_bytes, sniff_kind
 from covidscan.explain.overlay import colorize, png_bytes
 from covidscan.serve.predictor import EnsembleBundle, Bundle, SliceResult, load_bundle
+from covidscan.serve.study_view import StudyAnalysis, StudyViews, analyse_study, expand_uploads
 
 log = logging.getLogger("covidscan.serve")
 
 API = "/api/v1"
-DEFAULT_MAX_UPLOAD_MB = 50.0
+DEFAULT_MAX_UPLOAD_MB = 400.0  # a 300-slice study of uncompressed 512 x 512 DICOM is about 160 MB
 DEFAULT_CONCURRENCY = 2  # uploads decoded and analysed at once; memory bound = concurrency x per-request bound
 DEFAULT_READ_TIMEOUT_S = 30.0  # a request body that stops arriving for this long is dropped (408)
-MAX_FILES = 64
+MAX_FILES = 1000  # a chest CT series arrives as one file per slice (Starlette parses at most 1000; more: send a zip)
 MAX_SLICES_PER_REQUEST = 1024
 HEATMAP_SLICES = 8  # per volume: heat maps for the most suspicious slices only
 _MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"II*\x00", b"MM\x00*", b"GIF8")
@@ -69,7 +71,9 @@ class ErrorBody(BaseModel):
 
 
 class SliceOut(BaseModel):
-    index: int
+    index: int = Field(description="Position in the file (volumes) or in the study, from 0.")
+    number: int | None = Field(None, description="Studies: the slice number shown to readers, from 1, in body order (head first).")
+    source: str | None = Field(None, description="Studies: the file (and frame) the slice came from.")
     label: str
     probabilities: dict[str, float]
     in_distribution: bool = Field(description="False: the input gate found this slice unlike the training images.")
@@ -86,6 +90,17 @@ class StudyOut(BaseModel):
     slices_refused: int
     rule: str = Field(description="How slice probabilities became the study's, e.g. 'mean of the slices' (chosen on validation patients).")
     threshold: float = Field(description="Study threshold, chosen on validation patients.")
+    order: str | None = Field(None, description="DICOM studies: how slices were ordered (position, instance number, as received).")
+    series: str | None = Field(None, description="DICOM studies: which series was analysed and why.")
+    skipped: list[ErrorBody] = Field(default_factory=list, description="Files left out (scouts, other series, unreadable), with the reason.")
+
+
+class ViewerOut(BaseModel):
+    study_id: str = Field(description="Random ID of the analysed study; its images stay available for half an hour.")
+    slices: int
+    windows: list[str] = Field(description="Window presets the slice images can be fetched in (CT DICOM: lung, mediastinum, bone).")
+    slice_url: str = Field(description="Template of a slice image URL ({n} from 1; ?window=...).")
+    heatmap_url: str = Field(description="Template of a slice's heat map URL (RGBA PNG, alpha = heat).")
 
 
 class FileOut(BaseModel):
@@ -103,6 +118,7 @@ class PredictOut(BaseModel):
     positive_class: str
     results: list[FileOut]
     study: StudyOut | None = Field(None, description="All uploads as one study (study=true).")
+    viewer: ViewerOut | None = Field(None, description="DICOM studies: where the viewer fetches each slice and heat map.")
     timing_ms: dict[str, float]
 
 
@@ -252,6 +268,7 @@ def create_app(
     # bounds memory, so keep every upload in memory instead. Process-wide: one service per process.
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, int(max_upload_mb * 1e6))
     errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 413, 415, 422)}
+    views = StudyViews()
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -315,28 +332,39 @@ def create_app(
     @app.post(f"{API}/predict", response_model=PredictOut, responses=errors)
     async def predict(
         request: Request,
-        files: Annotated[list[UploadFile], File(description="PNG, JPEG, DICOM or NIfTI files; several DICOM files form a series with study=true.")],
+        files: Annotated[list[UploadFile], File(description="PNG, JPEG, DICOM or NIfTI files, or zips of DICOM folders; "
+                                                            "DICOM files with study=true (or a zip) form one series.")],
         heatmap: Annotated[bool, Query(description="Return class activation maps.")] = True,
         study: Annotated[bool, Query(description="Treat all uploads as slices of one study and aggregate them.")] = False,
     ) -> PredictOut:
         started = time.perf_counter()
         if len(files) > MAX_FILES:
             raise ApiError(413, "too many files", f"{len(files)} files; at most {MAX_FILES} per request")
+        named = []
+        for position, upload in enumerate(files):
+            named.append((f"#{position + 1} {(upload.filename or 'upload')[:120]}", await upload.read()))
+            await upload.close()  # frees the in-memory spool: the bytes are now held once
+        if (study or any(data[:4] == b"PK\x03\x04" for _, data in named)) and len(named) <= MAX_FILES:
+            try:
+                named = await run_in_threadpool(expand_uploads, named)
+            except ImageReadError as exc:
+                raise ApiError(422, "unreadable zip", str(exc)) from None
+            if any(sniff_kind(data) == "dicom" for _, data in named):
+                analysis = await run_in_threadpool(analyse_dicom_study, named)
+                del named
+                return _study_answer(analysis, started)
         out_files: list[FileOut] = []
         all_results: list[SliceResult] = []
         failures: list[ApiError] = []
-        for position, upload in enumerate(files):
-            name = f"#{position + 1} {(upload.filename or 'upload')[:120]}"
-            data = await upload.read()
-            await upload.close()  # frees the in-memory spool: the bytes are now held once
+        for name, data in named:
             try:
                 kind, results = await run_in_threadpool(analyse_file, data, name, heatmap, MAX_SLICES_PER_REQUEST - len(all_results))
-                out_files.append(_file_out(name, kind, results, heatmap))
+                out_files.append(_file_out(name, kind, results, heatmap, in_study=study))
                 all_results += results
             except ApiError as exc:
                 failures.append(exc)
                 out_files.append(FileOut(file=name, kind="", slices=[], error=ErrorBody(error=exc.error, detail=exc.detail)))
-            del data
+        del named
         if failures and len(failures) == len(files):  # nothing to show: answer with the error itself
             statuses = {f.status for f in failures}
             status = statuses.pop() if len(statuses) == 1 else 422
@@ -351,11 +379,61 @@ def create_app(
             timing_ms={"total": round(total_ms, 2)},
         )
 
-    def _file_out(name: str, kind: str, results: list[SliceResult], heatmap: bool) -> FileOut:
+    def analyse_dicom_study(named: list[tuple[str, bytes]]) -> StudyAnalysis:
+        with busy:
+            try:
+                return analyse_study(bundle, named, MAX_SLICES_PER_REQUEST)
+            except ImageReadError as exc:
+                raise ApiError(422, "no usable slice", str(exc)) from None
+
+    def _study_answer(analysis: StudyAnalysis, started: float) -> PredictOut:
+        """One series: every slice in body order (numbers from 1), the study answer, and the viewer's links."""
+        results = analysis.results
+        slices = [SliceOut(index=i, number=i + 1, source=source, label=r.label, probabilities=r.probabilities, in_distribution=r.in_distribution,
+                           gate_distance=r.gate_distance, member_probabilities=r.members)
+                  for i, (r, source) in enumerate(zip(results, analysis.sources))]
+        summary = _study(results, bundle)
+        summary.order, summary.series = analysis.plan.order, analysis.plan.series_rule
+        summary.skipped = [ErrorBody(error=source, detail=reason) for source, reason in analysis.skipped]
+        study_id = views.add(analysis.view)
+        viewer = ViewerOut(study_id=study_id, slices=len(results), windows=analysis.view.windows,
+                           slice_url=f"{API}/studies/{study_id}/slices/{{n}}.png", heatmap_url=f"{API}/studies/{study_id}/heatmaps/{{n}}.png")
+        total_ms = (time.perf_counter() - started) * 1000
+        log.info("predict: DICOM study, %d slice(s) analysed, %d file(s) skipped, %.1f ms", len(results), len(analysis.skipped), total_ms)
+        return PredictOut(
+            decision_support=DISCLAIMER, model_version=bundle.version, threshold=bundle.threshold, positive_class=bundle.classes[-1],
+            results=[FileOut(file=f"DICOM series ({analysis.plan.describe()})", kind="dicom-series", slices=slices, study=summary)],
+            study=summary, viewer=viewer, timing_ms={"total": round(total_ms, 2)},
+        )
+
+    def _view(study_id: str) -> Any:
+        view = views.get(study_id)
+        if view is None:
+            raise ApiError(404, "study not found", f"no study {study_id[:40]!r}: its images are kept for half an hour after the analysis")
+        return view
+
+    @app.get(f"{API}/studies/{{study_id}}/slices/{{number}}.png", responses={404: {"model": ErrorBody}},
+             response_class=Response, summary="One slice of an analysed study, as PNG, in a window preset")
+    def study_slice(study_id: str, number: int, window: Annotated[str, Query(description="lung, mediastinum or bone (CT DICOM)")] = "lung") -> Response:
+        try:
+            return Response(_view(study_id).slice_png(number, window), media_type="image/png", headers={"Cache-Control": "no-store"})
+        except KeyError as exc:
+            raise ApiError(404, "slice not found", str(exc.args[0])) from None
+
+    @app.get(f"{API}/studies/{{study_id}}/heatmaps/{{number}}.png", responses={404: {"model": ErrorBody}},
+             response_class=Response, summary="The heat map of one slice of an analysed study (RGBA PNG, alpha = heat)")
+    def study_heatmap(study_id: str, number: int) -> Response:
+        try:
+            return Response(_view(study_id).heat_png(number), media_type="image/png", headers={"Cache-Control": "no-store"})
+        except KeyError as exc:
+            raise ApiError(404, "slice not found", str(exc.args[0])) from None
+
+    def _file_out(name: str, kind: str, results: list[SliceResult], heatmap: bool, in_study: bool = False) -> FileOut:
+        """One file's slices; a refused single image is an error unless it is one slice of a study (then it is marked)."""
         volume = len(results) > 1
         if not results:
             raise ApiError(422, "unreadable image", f"{name}: the file holds no image")
-        if not volume and not results[0].in_distribution:
+        if not volume and not in_study and not results[0].in_distribution:
             raise _gate_refusal(name, results[0].gate_distance, bundle.gate_threshold)
         shown = {i for i, r in enumerate(results) if r.heatmap is not None}  # the most suspicious slices (Bundle.analyse)
         slices = [

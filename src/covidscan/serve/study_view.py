@@ -1,0 +1,170 @@
+"""A whole CT study in the service: planned from headers, decoded one slice at a time, kept briefly for the viewer.
+
+`analyse_study` turns the uploaded files (DICOM slices, zips of DICOM folders)
+into one series in body order (`covidscan.data.study`), decodes each planned
+file when its turn comes (one full-size slice in memory at a time), and runs
+the bundle on all slices with a heat map for every slice. Files that cannot be
+read and slices the input gate refuses are reported, never fatal.
+
+What the viewer needs afterwards (display slices at `VIEW_SIZE` px, in HU for
+CT DICOM so the page can switch window presets, and each slice's heat map) is
+kept in memory under a random study ID for `VIEW_TTL_S`, at most `MAX_VIEWS`
+studies: about 50 MB for 300 slices. Nothing is written to disk and no patient
+field is kept.
+"""
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from covidscan.data.io import iter_image_bytes
+from covidscan.data.preprocess import prepare_with_box
+from covidscan.data.study import StudyPlan, is_zip, plan_files, zip_members
+from covidscan.errors import ImageReadError
+from covidscan.explain.overlay import colorize, png_bytes
+from covidscan.serve.predictor import Bundle, EnsembleBundle, SliceResult
+
+VIEW_SIZE = 256
+MAX_VIEWS = 4
+VIEW_TTL_S = 1800.0
+# CT window presets (low, high) in HU: lung W1500/L-600, mediastinum (soft tissue) W400/L40, bone W1800/L400.
+WINDOWS = {"lung": (-1350.0, 150.0), "mediastinum": (-160.0, 240.0), "bone": (-500.0, 1300.0)}
+
+
+@dataclass
+class StudyView:
+    """Display slices and heat maps of one analysed study, for GET .../studies/{id}/..."""
+
+    hu: np.ndarray | None  # (n, S, S) int16 HU, CT DICOM only
+    gray: np.ndarray  # (n, S, S) uint8: the slice as sent, in the model's window
+    heat: np.ndarray  # (n, S, S) uint8: the heat map placed where the model looked
+    sources: list[str]
+    created: float = field(default_factory=time.monotonic)
+
+    @property
+    def windows(self) -> list[str]:
+        return list(WINDOWS) if self.hu is not None else ["as sent"]
+
+    def slice_png(self, number: int, window: str) -> bytes:
+        index = self._index(number)
+        if self.hu is None or window not in WINDOWS:
+            return png_bytes(self.gray[index], fast=True)
+        low, high = WINDOWS[window]
+        scaled = (self.hu[index].astype(np.float32) - low) / (high - low)
+        return png_bytes(np.clip(np.round(scaled * 255), 0, 255).astype(np.uint8), fast=True)
+
+    def heat_png(self, number: int) -> bytes:
+        heat = self.heat[self._index(number)]
+        rgba = np.concatenate([colorize(heat.astype(np.float32) / 255.0), heat[..., None]], axis=2)
+        return png_bytes(rgba, fast=True)
+
+    def _index(self, number: int) -> int:
+        if not 1 <= number <= len(self.gray):
+            raise KeyError(f"slice {number} does not exist; the study has slices 1 to {len(self.gray)}")
+        return number - 1
+
+
+class StudyViews:
+    """The last few analysed studies, by random ID, forgotten after `ttl_s` (thread-safe)."""
+
+    def __init__(self, limit: int = MAX_VIEWS, ttl_s: float = VIEW_TTL_S) -> None:
+        self.limit, self.ttl_s = limit, ttl_s
+        self._views: OrderedDict[str, StudyView] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, view: StudyView) -> str:
+        key = secrets.token_urlsafe(16)
+        with self._lock:
+            self._expire()
+            self._views[key] = view
+            while len(self._views) > self.limit:
+                self._views.popitem(last=False)
+        return key
+
+    def get(self, key: str) -> StudyView | None:
+        with self._lock:
+            self._expire()
+            return self._views.get(key)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, v in self._views.items() if now - v.created > self.ttl_s]:
+            del self._views[key]
+
+
+def _resize(values: np.ndarray, size: int) -> np.ndarray:
+    image = Image.fromarray(np.asarray(values, np.float32), mode="F")
+    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None), np.float32)
+
+
+def _place_heat(heat: np.ndarray, seen: tuple[float, float, float, float], size: int) -> np.ndarray:
+    """The model-input heat map placed over the part of the full slice the model saw (a lung crop, or all of it)."""
+    top, bottom, left, right = (int(round(f * size)) for f in seen)
+    out = np.zeros((size, size), np.uint8)
+    if bottom - top >= 1 and right - left >= 1:
+        placed = Image.fromarray(np.asarray(heat, np.float32), mode="F").resize((right - left, bottom - top), Image.Resampling.BILINEAR)
+        out[top:bottom, left:right] = np.clip(np.round(np.asarray(placed) * 255), 0, 255).astype(np.uint8)
+    return out
+
+
+def expand_uploads(named: Iterable[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """Zips of DICOM folders opened into their files (named 'upload:member'); other files as they are."""
+    out: list[tuple[str, bytes]] = []
+    for name, data in named:
+        if is_zip(data):
+            out += [(f"{name}:{member}", content) for member, content in zip_members(data, name)]
+        else:
+            out.append((name, data))
+    return out
+
+
+@dataclass
+class StudyAnalysis:
+    plan: StudyPlan
+    results: list[SliceResult]
+    sources: list[str]  # per result: the file (and frame) it came from
+    view: StudyView
+    skipped: list[tuple[str, str]]  # the plan's, plus files that failed to decode
+
+
+def analyse_study(bundle: Bundle | EnsembleBundle, named: list[tuple[str, bytes]], max_slices: int) -> StudyAnalysis:
+    """Plan, decode in order, analyse (heat maps for every slice). Raises ImageReadError when no slice is usable."""
+    plan = plan_files(named)
+    data = dict(named)
+    method = bundle.model_card.preprocess
+    prepared, sources, hu, gray, seen_boxes = [], [], [], [], []
+    skipped = list(plan.skipped)
+    keep_hu = True
+    for header in plan.slices:
+        try:
+            frames = list(iter_image_bytes(data[header.source], header.source, keep_hu=True))
+        except ImageReadError as exc:
+            skipped.append((header.source, exc.problem))
+            continue
+        for frame_number, image in enumerate(frames):
+            if len(prepared) >= max_slices:
+                raise ImageReadError("study", f"more than {max_slices} slices in one request")
+            model_input, seen = prepare_with_box(image.pixels, bundle.size, method)
+            prepared.append(model_input)
+            seen_boxes.append(seen)
+            sources.append(header.source + (f" frame {frame_number + 1}" if len(frames) > 1 else ""))
+            gray.append(np.clip(np.round(_resize(image.pixels, VIEW_SIZE) * 255), 0, 255).astype(np.uint8))
+            keep_hu = keep_hu and image.hu is not None
+            hu.append(np.clip(_resize(image.hu, VIEW_SIZE), -32768, 32767).astype(np.int16) if image.hu is not None else None)
+        del frames
+    if not prepared:
+        raise ImageReadError("study", "no slice could be decoded: " + "; ".join(f"{s}: {r}" for s, r in skipped[:3]))
+    results = bundle.analyse(prepared, heatmaps=True)
+    heat = np.stack([_place_heat(r.heatmap, box, VIEW_SIZE) if r.heatmap is not None else np.zeros((VIEW_SIZE, VIEW_SIZE), np.uint8)
+                     for r, box in zip(results, seen_boxes)])
+    for r in results:
+        r.heatmap = None  # the view holds them; the JSON answer links to them instead of inlining 300 maps
+    view = StudyView(hu=np.stack(hu) if keep_hu else None, gray=np.stack(gray), heat=heat, sources=sources)  # type: ignore[arg-type]
+    return StudyAnalysis(plan, results, sources, view, skipped)

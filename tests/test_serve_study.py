@@ -1,0 +1,116 @@
+"""The service on whole CT studies as a PACS exports them: many extension-less compressed slices, or a zip."""
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from dicom_helpers import FAKE_PATIENT_ID, FAKE_PATIENT_NAME, LOSSLESS_SYNTAXES, write_ct_series
+
+
+def phantom_series(tiny_run: Path, folder: Path, count: int, syntax: str = LOSSLESS_SYNTAXES["jpeg-lossless"]) -> list[Path]:
+    """The tiny run's test slices as a CT series (HU that the lung window maps back to the same gray), shuffled names."""
+    import pandas as pd
+
+    frame = pd.read_csv(tiny_run / "manifest.csv", keep_default_na=False)
+    paths = frame.loc[frame["split"] == "test", "path"].tolist()
+    grays = [np.asarray(Image.open(p).convert("L"), np.float32) for p in paths]
+    stored = np.stack([np.round(-1350.0 + grays[i % len(grays)] / 255.0 * 1500.0 + 1024).clip(0, 4095) for i in range(count)])
+    return write_ct_series(folder, stored.astype(np.uint16), syntax, shuffle_seed=1)
+
+
+@pytest.fixture(scope="module")
+def study_client(tiny_bundle: Path) -> TestClient:
+    from covidscan.serve.app import create_app
+
+    return TestClient(create_app(tiny_bundle))
+
+
+def _upload(paths: list[Path]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in paths]
+
+
+def test_a_compressed_extension_less_series_is_one_study_in_body_order_with_refused_slices_marked(
+    study_client: TestClient, tiny_run: Path, tmp_path: Path
+) -> None:
+    """The issue's defects: upload order, a refused slice aborting the study, 0-based numbers, compressed files."""
+    series = phantom_series(tiny_run, tmp_path / "s", 12)
+    noise = (np.random.default_rng(0).integers(0, 4095, (1, 64, 64))).astype(np.uint16)  # one slice unlike any CT
+    odd = write_ct_series(tmp_path / "odd", noise, series_uid="9.9.9", shuffle_seed=None)[0]
+    # the odd slice belongs to the series (same UID) and lies in the middle of it
+    from pydicom import dcmread
+
+    ds, middle = dcmread(odd), dcmread(series[6])
+    ds.SeriesInstanceUID, ds.ImagePositionPatient, ds.InstanceNumber = middle.SeriesInstanceUID, middle.ImagePositionPatient, 99
+    ds.save_as(odd)
+    scout = write_ct_series(tmp_path / "scout", noise, series_uid=str(middle.SeriesInstanceUID), shuffle_seed=None,
+                            image_type="ORIGINAL\\PRIMARY\\LOCALIZER")[0]
+    uploads = sorted(series + [odd, scout], key=lambda p: p.name)  # the browser's order: by name
+    response = study_client.post("/api/v1/predict?study=true", files=_upload(uploads))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert FAKE_PATIENT_ID not in response.text and "Doe" not in response.text and "19700101" not in response.text
+    study, slices = body["study"], body["results"][0]["slices"]
+    assert body["results"][0]["kind"] == "dicom-series" and len(slices) == 13
+    assert [s["number"] for s in slices] == list(range(1, 14))
+    # head first, by position; the odd slice shares series[6]'s position and the lower instance number goes first
+    expected = [p.name for p in series[:7]] + [odd.name] + [p.name for p in series[7:]]
+    assert [s["source"].split(" ", 1)[1] for s in slices] == expected
+    assert study["order"] == "position" and study["slices_used"] + study["slices_refused"] == 13
+    assert not slices[7]["in_distribution"] and study["slices_refused"] >= 1 and study["slices_used"] >= 6
+    assert study["label"] in ("COVID", "non-COVID") and 0 <= study["probability"] <= 1
+    assert [s["detail"] for s in study["skipped"]] == ["scout / localizer image"]
+    assert "not a diagnosis" in body["decision_support"]
+    viewer = body["viewer"]
+    assert viewer["slices"] == 13 and viewer["windows"] == ["lung", "mediastinum", "bone"]
+    lung = study_client.get(viewer["slice_url"].format(n=1) + "?window=lung")
+    soft = study_client.get(viewer["slice_url"].format(n=1) + "?window=mediastinum")
+    assert lung.headers["content-type"] == "image/png" and lung.content != soft.content
+    lung_px, soft_px = (np.asarray(Image.open(io.BytesIO(r.content))) for r in (lung, soft))
+    assert lung_px.shape == (256, 256) and (soft_px == 0).mean() > (lung_px == 0).mean()  # narrow window: more black
+    heat = Image.open(io.BytesIO(study_client.get(viewer["heatmap_url"].format(n=1)).content))
+    assert heat.mode == "RGBA" and heat.size == (256, 256)
+    missing = study_client.get(viewer["slice_url"].format(n=14))
+    assert missing.status_code == 404 and "slices 1 to 13" in missing.json()["detail"]
+    assert study_client.get("/api/v1/studies/unknown/slices/1.png").status_code == 404
+
+
+def test_a_zip_of_a_dicom_folder_gives_the_same_study(study_client: TestClient, tiny_run: Path, tmp_path: Path) -> None:
+    series = phantom_series(tiny_run, tmp_path / "s", 6, LOSSLESS_SYNTAXES["rle"])
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for p in series:
+            archive.write(p, f"EXPORT/{p.name}")
+        archive.writestr("EXPORT/DICOMDIR", b"\0" * 128 + b"DICM")
+    from_zip = study_client.post("/api/v1/predict", files=[("files", ("study.zip", buffer.getvalue(), "application/zip"))]).json()
+    from_files = study_client.post("/api/v1/predict?study=true", files=_upload(series)).json()
+    assert [s["probabilities"] for s in from_zip["results"][0]["slices"]] == [s["probabilities"] for s in from_files["results"][0]["slices"]]
+    assert from_zip["study"]["probability"] == pytest.approx(from_files["study"]["probability"])
+    assert "DICOMDIR" in from_zip["study"]["skipped"][0]["detail"]
+
+
+def test_png_slices_of_a_study_mark_a_refused_slice_instead_of_failing(study_client: TestClient, tiny_run: Path) -> None:
+    import pandas as pd
+    from skimage import data
+
+    frame = pd.read_csv(tiny_run / "manifest.csv", keep_default_na=False)
+    pngs = [Path(p).read_bytes() for p in frame.loc[frame["split"] == "test", "path"].tolist()[:3]]
+    cat = io.BytesIO()
+    Image.fromarray(data.chelsea()).save(cat, format="PNG")
+    files = [("files", (f"s{i}.png", d, "image/png")) for i, d in enumerate(pngs)] + [("files", ("cat.png", cat.getvalue(), "image/png"))]
+    response = study_client.post("/api/v1/predict?study=true&heatmap=false", files=files)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["results"][3]["error"] is None and body["results"][3]["slices"][0]["in_distribution"] is False
+    assert body["study"]["slices_refused"] >= 1
+
+
+def test_default_limits_take_a_300_slice_study(tiny_bundle: Path) -> None:
+    from covidscan.serve import app
+
+    assert app.MAX_FILES >= 300 and app.DEFAULT_MAX_UPLOAD_MB * 1e6 >= 300 * (512 * 512 * 2 + 2000)
