@@ -75,3 +75,66 @@ def test_upload_shows_the_result_card_with_heat_map_and_disclaimer(server: str, 
         page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=30000)
         assert "unlike the training data" in (page.text_content("#error") or "")
         browser.close()
+
+
+def test_study_viewer_on_300_compressed_extension_less_slices_and_a_nifti_volume(server: str, tiny_run: Path, tmp_path: Path) -> None:
+    """The radiologist's path of issue 16: a PACS series (JPEG Lossless, no extensions, shuffled names), browse it,
+    change window and operating point, print the report; then a NIfTI volume (no broken preview)."""
+    import gzip
+
+    import nibabel as nib
+    import numpy as np
+    from playwright.sync_api import sync_playwright
+
+    from dicom_helpers import phantom_series
+
+    series = phantom_series(tiny_run, tmp_path / "pacs", 300)
+    assert all(p.suffix == "" for p in series)
+    volume = np.stack([np.full((48, 48), -1000, np.int16)] * 4, axis=2)
+    volume[10:30, 10:30] = -700
+    nifti = tmp_path / "scan.nii.gz"
+    nifti.write_bytes(gzip.compress(nib.Nifti1Image(volume, np.eye(4)).to_bytes()))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=FLAGS[1:], headless=True)
+        page = browser.new_page(viewport={"width": 1200, "height": 1400})
+        page.goto(server + "/")
+        page.get_by_label("Image files").set_input_files([str(s) for s in series])
+        assert page.is_checked("#study")  # many files: one study
+        page.get_by_role("button", name="Analyse").click()
+        page.wait_for_selector("#study-viewer:not([hidden])", timeout=120000)
+        assert page.locator("#strip span").count() == 300
+        start = int(page.input_value("#slice"))
+        assert page.text_content("#slice-text") == f"slice {start} of 300"
+        page.focus("#stack")
+        page.keyboard.press("Home")
+        page.keyboard.press("ArrowDown")
+        page.keyboard.press("PageDown")
+        assert page.text_content("#slice-text") == "slice 12 of 300" and "window=lung" in (page.get_attribute("#study-base", "src") or "")
+        page.wait_for_function("document.getElementById('study-base').complete && document.getElementById('study-base').naturalWidth === 256")
+        page.select_option("#window", "mediastinum")
+        page.wait_for_function("document.getElementById('study-base').src.includes('window=mediastinum') && "
+                               "document.getElementById('study-base').complete && document.getElementById('study-base').naturalWidth === 256")
+        page.wait_for_function("document.getElementById('study-heat').complete && document.getElementById('study-heat').naturalWidth === 256")
+        page.locator("#strip span").nth(199).click()
+        assert page.text_content("#slice-text") == "slice 200 of 300"
+        options = page.locator("#operating option").all_text_contents()
+        assert any(o.startswith("screening") for o in options) and any(o.startswith("rule-in") for o in options)
+        rule_in = next(o for o in options if o.startswith("rule-in"))
+        page.select_option("#operating", label=rule_in)
+        assert "rule-in" in (page.text_content("#operating-text") or "")
+        page.screenshot(path=str(tmp_path / "viewer.png"), full_page=True)
+        page.locator("#study-viewer").screenshot(path=str(tmp_path / "viewer-only.png"))
+        page.emulate_media(media="print")
+        assert page.is_visible("#report") and not page.is_visible("#form")
+        report = page.text_content("#report") or ""
+        assert "not a diagnosis" in report and "rule-in" in report and "Doe" not in report
+        assert len([c for c in report if c in "0123456789abcdef"]) >= 64  # the study hash
+        pdf = page.pdf()
+        assert pdf.startswith(b"%PDF") and len(pdf) > 5000
+        page.emulate_media(media="screen")
+        page.get_by_label("Image files").set_input_files(str(nifti))
+        assert page.is_hidden("#preview")  # no broken-image icon for a .nii.gz
+        page.get_by_role("button", name="Analyse").click()
+        page.wait_for_function("document.getElementById('status').textContent === 'Done.' || document.getElementById('error').textContent.length > 0",
+                               timeout=60000)
+        browser.close()

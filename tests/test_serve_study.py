@@ -10,18 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from dicom_helpers import FAKE_PATIENT_ID, FAKE_PATIENT_NAME, LOSSLESS_SYNTAXES, write_ct_series
-
-
-def phantom_series(tiny_run: Path, folder: Path, count: int, syntax: str = LOSSLESS_SYNTAXES["jpeg-lossless"]) -> list[Path]:
-    """The tiny run's test slices as a CT series (HU that the lung window maps back to the same gray), shuffled names."""
-    import pandas as pd
-
-    frame = pd.read_csv(tiny_run / "manifest.csv", keep_default_na=False)
-    paths = frame.loc[frame["split"] == "test", "path"].tolist()
-    grays = [np.asarray(Image.open(p).convert("L"), np.float32) for p in paths]
-    stored = np.stack([np.round(-1350.0 + grays[i % len(grays)] / 255.0 * 1500.0 + 1024).clip(0, 4095) for i in range(count)])
-    return write_ct_series(folder, stored.astype(np.uint16), syntax, shuffle_seed=1)
+from dicom_helpers import FAKE_PATIENT_ID, LOSSLESS_SYNTAXES, phantom_series, write_ct_series
 
 
 @pytest.fixture(scope="module")

@@ -93,6 +93,7 @@ class StudyOut(BaseModel):
     order: str | None = Field(None, description="DICOM studies: how slices were ordered (position, instance number, as received).")
     series: str | None = Field(None, description="DICOM studies: which series was analysed and why.")
     skipped: list[ErrorBody] = Field(default_factory=list, description="Files left out (scouts, other series, unreadable), with the reason.")
+    study_hash: str | None = Field(None, description="DICOM studies: SHA-256 over the analysed files' hashes (identifies the study, no patient field).")
 
 
 class ViewerOut(BaseModel):
@@ -393,7 +394,7 @@ def create_app(
                            gate_distance=r.gate_distance, member_probabilities=r.members)
                   for i, (r, source) in enumerate(zip(results, analysis.sources))]
         summary = _study(results, bundle)
-        summary.order, summary.series = analysis.plan.order, analysis.plan.series_rule
+        summary.order, summary.series, summary.study_hash = analysis.plan.order, analysis.plan.series_rule, analysis.study_hash
         summary.skipped = [ErrorBody(error=source, detail=reason) for source, reason in analysis.skipped]
         study_id = views.add(analysis.view)
         viewer = ViewerOut(study_id=study_id, slices=len(results), windows=analysis.view.windows,

@@ -14,6 +14,7 @@ field is kept.
 """
 from __future__ import annotations
 
+import hashlib
 import secrets
 import threading
 import time
@@ -132,6 +133,7 @@ class StudyAnalysis:
     sources: list[str]  # per result: the file (and frame) it came from
     view: StudyView
     skipped: list[tuple[str, str]]  # the plan's, plus files that failed to decode
+    study_hash: str  # SHA-256 over the analysed files' own hashes, in order: names the study without a patient field
 
 
 def analyse_study(bundle: Bundle | EnsembleBundle, named: list[tuple[str, bytes]], max_slices: int) -> StudyAnalysis:
@@ -141,6 +143,7 @@ def analyse_study(bundle: Bundle | EnsembleBundle, named: list[tuple[str, bytes]
     method = bundle.model_card.preprocess
     prepared, sources, hu, gray, seen_boxes = [], [], [], [], []
     skipped = list(plan.skipped)
+    digest = hashlib.sha256()
     keep_hu = True
     for header in plan.slices:
         try:
@@ -148,6 +151,7 @@ def analyse_study(bundle: Bundle | EnsembleBundle, named: list[tuple[str, bytes]
         except ImageReadError as exc:
             skipped.append((header.source, exc.problem))
             continue
+        digest.update(hashlib.sha256(data[header.source]).digest())
         for frame_number, image in enumerate(frames):
             if len(prepared) >= max_slices:
                 raise ImageReadError("study", f"more than {max_slices} slices in one request")
@@ -167,4 +171,4 @@ def analyse_study(bundle: Bundle | EnsembleBundle, named: list[tuple[str, bytes]
     for r in results:
         r.heatmap = None  # the view holds them; the JSON answer links to them instead of inlining 300 maps
     view = StudyView(hu=np.stack(hu) if keep_hu else None, gray=np.stack(gray), heat=heat, sources=sources)  # type: ignore[arg-type]
-    return StudyAnalysis(plan, results, sources, view, skipped)
+    return StudyAnalysis(plan, results, sources, view, skipped, digest.hexdigest())
