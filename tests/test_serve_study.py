@@ -103,3 +103,37 @@ def test_default_limits_take_a_300_slice_study(tiny_bundle: Path) -> None:
     from covidscan.serve import app
 
     assert app.MAX_FILES >= 300 and app.DEFAULT_MAX_UPLOAD_MB * 1e6 >= 300 * (512 * 512 * 2 + 2000)
+
+
+def test_predict_command_takes_a_study_folder_a_zip_and_a_nifti_slice(tiny_run: Path, tiny_bundle: Path, tmp_path: Path) -> None:
+    """`predict` said PNG/JPEG only and could not pick a NIfTI slice; a PACS folder is one study, as in the service."""
+    import gzip
+    import subprocess
+    import sys
+
+    import nibabel as nib
+
+    series = phantom_series(tiny_run, tmp_path / "pacs" / "SERIES2", 5)
+    scout = write_ct_series(tmp_path / "pacs" / "SCOUT", np.full((1, 48, 48), 24, np.uint16), image_type="ORIGINAL\\PRIMARY\\LOCALIZER")
+    archive = tmp_path / "study.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for p in series + scout:
+            z.write(p, str(p.relative_to(tmp_path)))
+
+    def run(*args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "covidscan.cli", "predict", *args], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout + out.stderr
+
+    volume = np.full((48, 48, 3), -1000, np.int16)
+    nifti = tmp_path / "v.nii.gz"
+    nifti.write_bytes(gzip.compress(nib.Nifti1Image(volume, np.eye(4)).to_bytes()))
+    for model, study, extra in ((tiny_run, tmp_path / "pacs", []), (tiny_bundle, archive, [str(nifti)])):
+        text = " ".join(run(str(model), str(study), *extra).split())
+        assert "5 slices, ordered by position" in text and "skipped" in text and "scout / localizer image" in text
+        order = [line.split("SERIES2/")[1].split(":")[0] for line in text.split(str(study) + "/")[1:] if "SERIES2/" in line]
+        assert order == [p.name for p in series]  # body order, whatever the names
+        assert "study:" in text and "not a diagnosis" in text and FAKE_PATIENT_ID not in text
+        assert all(f"[slice {i}]" in text for i in range(3)) == bool(extra)  # every slice of the volume
+    one = run(str(tiny_bundle), str(nifti), "--slice", "2")
+    assert "[slice 2]" in one and "[slice 0]" not in one

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -12,6 +12,9 @@ from rich.markup import escape
 
 from covidscan import DISCLAIMER
 from covidscan.errors import CovidscanError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 app = typer.Typer(
     help="covidscan: COVID-19 detection on chest CT/X-ray with transfer-learned CNNs, "
@@ -381,27 +384,62 @@ def _print_summary(metrics: dict[str, object], run_dir: Path) -> None:
 @app.command("predict")
 def predict_command(
     model: Annotated[Path, typer.Argument(help="Run folder (or its model.json), or an exported bundle; the input gate applies to both.")],
-    images: Annotated[list[Path], typer.Argument(help="PNG, JPEG, BMP, TIFF or single-frame DICOM files.")],
+    images: Annotated[list[Path], typer.Argument(help="PNG, JPEG, BMP, TIFF, DICOM (any name) or NIfTI files (every slice; "
+                                                     "--slice picks one); or one study: a folder of DICOM files or a zip of one.")],
     study: Annotated[bool, typer.Option("--study", help="The images are slices of one study: also print the study answer (the model card's rule).")] = False,
+    slice_index: Annotated[Optional[int], typer.Option("--slice", help="NIfTI volumes and multi-frame DICOM: only this slice (from 0).")] = None,
 ) -> None:
-    """Print class probabilities and the predicted label for each image (and for the study with --study)."""
+    """Print class probabilities and the predicted label for each image or slice (and for the study with --study).
+
+    A folder or zip is one study: its DICOM series is chosen and ordered as the service does (scouts skipped, the
+    series with the most slices, ordered by position), and the study answer is printed."""
+    from covidscan.data.io import read_image
+    from covidscan.data.study import iter_study_images, plan_files, read_study_input
     from covidscan.predict import load_scorer
     from covidscan.serve.predictor import is_bundle
 
-    if is_bundle(model):
-        _predict_with_bundle(model, images, study)
-        return
-    predictor = load_scorer(model)
-    predictions = predictor.predict(list(images))
+    names: list[str] = []
+    pixels: list[np.ndarray] = []
+    for path in images:
+        if path.is_dir() or path.suffix.lower() == ".zip":
+            named = read_study_input(path)
+            plan = plan_files(named)
+            skipped = list(plan.skipped)
+            for source, image in iter_study_images(plan, dict(named), skipped):
+                names.append(f"{path}/{source}")
+                pixels.append(image.pixels)
+            _log(f"{path}: {plan.describe()}" + "".join(f"\n  skipped {s}: {r}" for s, r in skipped))
+            study = True
+        else:
+            frames = _image_slices(path, slice_index, read_image)
+            names += [name for name, _ in frames]
+            pixels += [p for _, p in frames]
+    scorer = _bundle_scorer(model) if is_bundle(model) else load_scorer(model)
+    predictions = scorer.predict_pixels(names, pixels)
     for prediction in predictions:
         probs = "  ".join(f"P({name})={value:.3f}" for name, value in prediction.probabilities.items())
         verdict = prediction.label if prediction.in_distribution else "refused (unlike the training data; no prediction)"
-        gate = f"  gate distance {prediction.gate_distance:.2f} (limit {predictor.gate_threshold:.2f})" if predictor.has_gate else ""
+        gate = f"  gate distance {prediction.gate_distance:.2f} (limit {scorer.gate_threshold:.2f})" if scorer.has_gate else ""
         _log(f"{prediction.path}: {verdict}  {probs}{gate}")
     if study:
-        label, probability, used = predictor.study(predictions)
-        _study_line(label, probability, used, len(predictions), predictor.study_rule)
+        label, probability, used = scorer.study(predictions)
+        _study_line(label, probability, used, len(predictions), scorer.study_rule)
     console.print(DISCLAIMER, style="italic", markup=False)
+
+
+def _image_slices(path: Path, slice_index: int | None, read_image: Any) -> list[tuple[str, np.ndarray]]:
+    """(name, pixels) of one file: every slice of a volume or multi-frame DICOM unless --slice picks one."""
+    from covidscan.data.io import is_dicom_file, is_volume_file, nifti_slice_count
+
+    if slice_index is not None or not (is_volume_file(path) or is_dicom_file(path)):
+        return [(str(path) + (f" [slice {slice_index}]" if slice_index is not None else ""), read_image(path, slice_index).pixels)]
+    if is_volume_file(path):
+        count = nifti_slice_count(path)
+        return [(f"{path} [slice {i}]", read_image(path, i).pixels) for i in range(count)]
+    from covidscan.data.io import MAX_PIXELS, iter_image_bytes
+
+    frames = [image.pixels for image in iter_image_bytes(path.read_bytes(), str(path), max_pixels=MAX_PIXELS)]
+    return [(str(path) + (f" [frame {i}]" if len(frames) > 1 else ""), p) for i, p in enumerate(frames)]
 
 
 def _study_line(label: str, probability: float, used: int, total: int, rule: dict[str, object]) -> None:
@@ -414,24 +452,28 @@ def _study_line(label: str, probability: float, used: int, total: int, rule: dic
          f"{used} slices used, {total - used} refused)")
 
 
-def _predict_with_bundle(folder: Path, images: list[Path], study: bool = False) -> None:
-    """The served model on image files: ONNX Runtime, with the input gate as the service applies it."""
-    from covidscan.data.io import read_image
+def _bundle_scorer(folder: Path) -> Any:
+    """The served model (ONNX Runtime, with the input gate as the service applies it) behind `predict_pixels`."""
+    from covidscan.predict import Prediction
     from covidscan.serve.predictor import load_bundle
 
     bundle = load_bundle(folder)
-    results = []
-    for path in images:
-        result = bundle.analyse([read_image(path).pixels], heatmaps=False)[0]
-        results.append(result)
-        probs = "  ".join(f"P({name})={value:.3f}" for name, value in result.probabilities.items())
-        verdict = result.label if result.in_distribution else "refused (unlike the training data; no prediction)"
-        members = f"  members: {', '.join(f'{k} {v:.3f}' for k, v in result.members.items())}" if result.members else ""
-        _log(f"{path}: {verdict}  {probs}  gate distance {result.gate_distance:.2f} (limit {bundle.gate_threshold:.2f}){members}")
-    if study:
-        label, probability, used = bundle.study(results)
-        _study_line(label, probability, used, len(results), bundle.study_rule)
-    console.print(DISCLAIMER, style="italic", markup=False)
+
+    class BundleScorer:
+        has_gate, gate_threshold, study_rule = True, bundle.gate_threshold, bundle.study_rule
+
+        @staticmethod
+        def predict_pixels(names: list[str], pixels: list[np.ndarray]) -> list[Prediction]:
+            results = bundle.analyse(pixels, heatmaps=False)
+            return [Prediction(name, r.label, r.probabilities, bundle.threshold, r.in_distribution, r.gate_distance) for name, r in zip(names, results)]
+
+        @staticmethod
+        def study(predictions: list[Prediction]) -> tuple[str, float, int]:
+            from covidscan.decision import study_answer
+
+            return study_answer([p.probabilities[bundle.classes[-1]] for p in predictions if p.in_distribution], bundle.classes, bundle.study_rule)
+
+    return BundleScorer()
 
 
 @app.command("export")

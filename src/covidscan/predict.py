@@ -88,10 +88,22 @@ class DeployedScorer(CardFields, ABC):
 
     def predict(self, paths: list[str | Path]) -> list[Prediction]:
         """One prediction per image; images the gate refuses get the label 'refused'."""
-        raw, stats = self.score(self._read(paths))
+        return self.predict_images([str(p) for p in paths], self._read(paths))
+
+    def predict_pixels(self, names: list[str], pixels: list[np.ndarray]) -> list[Prediction]:
+        """`predict` on decoded gray images in [0, 1] (the slices of a study), prepared as the model card says."""
+        from covidscan.data.preprocess import prepare_image
+
+        images = np.stack([prepare_image(p, self.size, self.model_card.preprocess) for p in pixels])[:, None] if pixels else \
+            np.zeros((0, 1, self.size, self.size), np.uint8)
+        return self.predict_images(names, images)
+
+    def predict_images(self, names: list[str], images: np.ndarray) -> list[Prediction]:
+        """Predictions for prepared uint8 inputs (N, 1, S, S) named `names`."""
+        raw, stats = self.score(images)
         probs, distances = self.calibrated(raw), self.gate_distances(stats)
         out = []
-        for path, p, d in zip(paths, probs, distances):
+        for path, p, d in zip(names, probs, distances):
             accepted = bool(d <= self.gate_threshold)
             label = slice_label(p, self.classes, self.threshold) if accepted else REFUSED
             out.append(Prediction(str(path), label, {c: float(v) for c, v in zip(self.classes, p)}, self.threshold, accepted, float(d)))

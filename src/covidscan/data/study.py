@@ -25,6 +25,7 @@ import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -224,3 +225,34 @@ def plan_files(named: Iterable[tuple[str, bytes]]) -> StudyPlan:
         except ImageReadError as exc:
             skipped.append((name, exc.problem))
     return plan_study(headers, skipped)
+
+
+def iter_study_images(plan: StudyPlan, data: dict[str, bytes], skipped: list[tuple[str, str]], keep_hu: bool = False
+                      ) -> Iterator[tuple[str, "ImageData"]]:
+    """(slice name, image) for every frame of the planned files, in body order, one file decoded at a time;
+    a file that fails to decode is added to `skipped` with its reason, never fatal."""
+    from covidscan.data.io import iter_image_bytes
+
+    for header in plan.slices:
+        try:
+            frames = list(iter_image_bytes(data[header.source], header.source, keep_hu=keep_hu))
+        except ImageReadError as exc:
+            skipped.append((header.source, exc.problem))
+            continue
+        for number, image in enumerate(frames):
+            yield header.source + (f" frame {number + 1}" if len(frames) > 1 else ""), image
+
+
+def read_study_input(path: Path) -> list[tuple[str, bytes]]:
+    """(name, bytes) of every file of a study given as a folder (any depth) or a zip; names relative to it."""
+    path = Path(path)
+    if path.is_dir():
+        return [(str(p.relative_to(path)), p.read_bytes()) for p in folder_files(path)]
+    data = path.read_bytes()
+    if not is_zip(data):
+        raise ImageReadError(path, "a study is a folder of DICOM files or a zip of one")
+    return list(zip_members(data, str(path)))
+
+
+if TYPE_CHECKING:
+    from covidscan.data.io import ImageData

@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from covidscan.data.io import iter_image_bytes
 from covidscan.data.preprocess import prepare_with_box
-from covidscan.data.study import StudyPlan, is_zip, plan_files, zip_members
+from covidscan.data.study import StudyPlan, is_zip, iter_study_images, plan_files, zip_members
 from covidscan.errors import ImageReadError
 from covidscan.explain.overlay import colorize, png_bytes
 from covidscan.serve.predictor import Bundle, EnsembleBundle, SliceResult
@@ -144,25 +143,18 @@ def analyse_study(bundle: Bundle | EnsembleBundle, named: list[tuple[str, bytes]
     prepared, sources, hu, gray, seen_boxes = [], [], [], [], []
     skipped = list(plan.skipped)
     digest = hashlib.sha256()
-    keep_hu = True
     for header in plan.slices:
-        try:
-            frames = list(iter_image_bytes(data[header.source], header.source, keep_hu=True))
-        except ImageReadError as exc:
-            skipped.append((header.source, exc.problem))
-            continue
         digest.update(hashlib.sha256(data[header.source]).digest())
-        for frame_number, image in enumerate(frames):
-            if len(prepared) >= max_slices:
-                raise ImageReadError("study", f"more than {max_slices} slices in one request")
-            model_input, seen = prepare_with_box(image.pixels, bundle.size, method)
-            prepared.append(model_input)
-            seen_boxes.append(seen)
-            sources.append(header.source + (f" frame {frame_number + 1}" if len(frames) > 1 else ""))
-            gray.append(np.clip(np.round(_resize(image.pixels, VIEW_SIZE) * 255), 0, 255).astype(np.uint8))
-            keep_hu = keep_hu and image.hu is not None
-            hu.append(np.clip(_resize(image.hu, VIEW_SIZE), -32768, 32767).astype(np.int16) if image.hu is not None else None)
-        del frames
+    for source, image in iter_study_images(plan, data, skipped, keep_hu=True):
+        if len(prepared) >= max_slices:
+            raise ImageReadError("study", f"more than {max_slices} slices in one request")
+        model_input, seen = prepare_with_box(image.pixels, bundle.size, method)
+        prepared.append(model_input)
+        seen_boxes.append(seen)
+        sources.append(source)
+        gray.append(np.clip(np.round(_resize(image.pixels, VIEW_SIZE) * 255), 0, 255).astype(np.uint8))
+        hu.append(np.clip(_resize(image.hu, VIEW_SIZE), -32768, 32767).astype(np.int16) if image.hu is not None else None)
+    keep_hu = bool(hu) and all(h is not None for h in hu)
     if not prepared:
         raise ImageReadError("study", "no slice could be decoded: " + "; ".join(f"{s}: {r}" for s, r in skipped[:3]))
     results = bundle.analyse(prepared, heatmaps=True)
