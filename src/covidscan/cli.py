@@ -532,6 +532,37 @@ def serve_command(
     run_server(str(bundle), host, port, max_upload_mb, api_key, cors_origin, 0, concurrency, read_timeout, max_connections)
 
 
+@app.command("dicom-listen")
+def dicom_listen_command(
+    bundle: Annotated[Path, typer.Argument(help="Exported bundle folder (`covidscan export RUN`).")],
+    send_to: Annotated[str, typer.Option("--send-to", help="Where answers go: HOST:PORT:AE_TITLE of the PACS or viewer.")],
+    port: Annotated[int, typer.Option(help="Port to listen on (DICOM's registered port is 104; 11112 needs no privileges).")] = 11112,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "0.0.0.0",
+    ae_title: Annotated[str, typer.Option("--ae-title", help="This node's AE title.")] = "COVIDSCAN",
+    idle_seconds: Annotated[float, typer.Option(help="A study is complete when no instance of it arrived for this long.")] = 10.0,
+) -> None:
+    """Receive CT studies from a PACS (storage SCP), analyse each when complete, and send back a DICOM SR and a
+    Secondary Capture with the heat map. Decision support only. No patient field is logged."""
+    import logging
+    import signal
+    import threading
+
+    from covidscan.serve.dicom_node import Destination, DicomListener
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    listener = DicomListener(str(bundle), Destination.parse(send_to), port, host, ae_title, idle_seconds)
+    listener.start()
+    _log(f"{ae_title} listening on {host}:{listener.port}; answers to {send_to}. Ctrl-C stops. {DISCLAIMER}")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    listener.stop()
+
+
 @app.command("models")
 def models_command() -> None:
     """List the registered backbones, their input sizes and where their weights come from."""
