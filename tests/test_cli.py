@@ -23,7 +23,7 @@ def _assert_clean_error(result: subprocess.CompletedProcess[str], *needles: str)
 
 
 def test_help_for_every_command() -> None:
-    for args in ([], ["data"], ["data", "index"], ["data", "phantom"], ["split"], ["train"], ["predict"], ["models"], ["demo"], ["evaluate"], ["export"], ["serve"], ["cv"]):
+    for args in ([], ["data"], ["data", "index"], ["data", "phantom"], ["split"], ["train"], ["predict"], ["models"], ["dicom-listen"], ["demo"], ["evaluate"], ["export"], ["serve"], ["cv"]):
         result = _run(*args, "--help")
         assert result.returncode == 0 and "Usage" in result.stdout, args
 
