@@ -99,10 +99,18 @@ def test_png_slices_of_a_study_mark_a_refused_slice_instead_of_failing(study_cli
     assert body["study"]["slices_refused"] >= 1
 
 
-def test_default_limits_take_a_300_slice_study(tiny_bundle: Path) -> None:
-    from covidscan.serve import app
+def test_default_limits_take_a_300_slice_study() -> None:
+    """The 64-file and 50 MB limits rejected realistic studies (413), in the app and in both serve commands."""
+    import inspect
 
-    assert app.MAX_FILES >= 300 and app.DEFAULT_MAX_UPLOAD_MB * 1e6 >= 300 * (512 * 512 * 2 + 2000)
+    from covidscan import cli
+    from covidscan.serve import DEFAULT_MAX_UPLOAD_MB, app
+    from covidscan.serve.__main__ import run_server
+
+    assert app.MAX_FILES >= 300 and DEFAULT_MAX_UPLOAD_MB * 1e6 >= 300 * (512 * 512 * 2 + 2000)
+    assert inspect.signature(app.create_app).parameters["max_upload_mb"].default == DEFAULT_MAX_UPLOAD_MB
+    assert inspect.signature(run_server).parameters["max_upload_mb"].default == DEFAULT_MAX_UPLOAD_MB
+    assert inspect.signature(cli.serve_command).parameters["max_upload_mb"].default == DEFAULT_MAX_UPLOAD_MB
 
 
 def test_predict_command_takes_a_study_folder_a_zip_and_a_nifti_slice(tiny_run: Path, tiny_bundle: Path, tmp_path: Path) -> None:

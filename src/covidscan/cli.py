@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from covidscan import DISCLAIMER
 from covidscan.errors import CovidscanError
+from covidscan.serve import DEFAULT_MAX_UPLOAD_MB
 
 if TYPE_CHECKING:
     import numpy as np
@@ -514,7 +515,7 @@ def serve_command(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder from `covidscan export` (or a run folder with a bundle/ inside).")],
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    max_upload_mb: Annotated[float, typer.Option(help="Largest request body accepted (413 above).")] = 50.0,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest request body accepted (413 above); 400 MB takes a 300-slice study.")] = DEFAULT_MAX_UPLOAD_MB,
     api_key: Annotated[Optional[str], typer.Option(help="Require this X-API-Key header (or set COVIDSCAN_API_KEY).")] = None,
     cors_origin: Annotated[Optional[list[str]], typer.Option(help="Allow this browser origin (repeatable); CORS is off by default.")] = None,
     concurrency: Annotated[int, typer.Option(help="Uploads decoded and analysed at once (memory bound = this x the per-request bound).")] = 2,

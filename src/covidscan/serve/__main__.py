@@ -6,12 +6,13 @@ import os
 import sys
 
 from covidscan.errors import CovidscanError
+from covidscan.serve import DEFAULT_MAX_UPLOAD_MB
 
 
 MAX_CONNECTIONS = 16  # open connections; beyond this uvicorn answers 503 (each may hold a body up to the upload limit)
 
 
-def run_server(bundle: str, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 50.0,
+def run_server(bundle: str, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
                api_key: str | None = None, cors_origins: list[str] | None = None, threads: int = 0,
                concurrency: int = 2, read_timeout_s: float = 30.0, max_connections: int = MAX_CONNECTIONS) -> None:
     import uvicorn
@@ -31,7 +32,7 @@ def main() -> None:
     parser.add_argument("bundle", help="folder written by `covidscan export`")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-upload-mb", type=float, default=50.0)
+    parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB)
     parser.add_argument("--api-key", default=None, help="require this X-API-Key (or set COVIDSCAN_API_KEY)")
     parser.add_argument("--cors-origin", action="append", default=None, help="allow this browser origin (repeatable); off by default")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: all cores)")

@@ -41,6 +41,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from covidscan import DISCLAIMER
 from covidscan.data.io import ImageReadError, iter_image_bytes, sniff_kind
+from covidscan.serve import DEFAULT_MAX_UPLOAD_MB
 from covidscan.explain.overlay import colorize, png_bytes
 from covidscan.serve.predictor import EnsembleBundle, Bundle, SliceResult, load_bundle
 from covidscan.serve.study_view import StudyAnalysis, StudyViews, analyse_study, expand_uploads
@@ -48,7 +49,6 @@ from covidscan.serve.study_view import StudyAnalysis, StudyViews, analyse_study,
 log = logging.getLogger("covidscan.serve")
 
 API = "/api/v1"
-DEFAULT_MAX_UPLOAD_MB = 400.0  # a 300-slice study of uncompressed 512 x 512 DICOM is about 160 MB
 DEFAULT_CONCURRENCY = 2  # uploads decoded and analysed at once; memory bound = concurrency x per-request bound
 DEFAULT_READ_TIMEOUT_S = 30.0  # a request body that stops arriving for this long is dropped (408)
 MAX_FILES = 1000  # a chest CT series arrives as one file per slice (Starlette parses at most 1000; more: send a zip)
