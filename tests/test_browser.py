@@ -77,7 +77,7 @@ def test_upload_shows_the_result_card_with_heat_map_and_disclaimer(server: str, 
         browser.close()
 
 
-def test_study_viewer_on_300_compressed_extension_less_slices_and_a_nifti_volume(server: str, tiny_run: Path, tmp_path: Path) -> None:
+def test_study_viewer_on_300_compressed_extension_less_slices_and_a_nifti_volume(server: str, tiny_run: Path, tiny_bundle: Path, tmp_path: Path) -> None:
     """The radiologist's path of issue 16: a PACS series (JPEG Lossless, no extensions, shuffled names), browse it,
     change window and operating point, print the report; then a NIfTI volume (no broken preview)."""
     import gzip
@@ -103,6 +103,13 @@ def test_study_viewer_on_300_compressed_extension_less_slices_and_a_nifti_volume
         page.get_by_role("button", name="Analyse").click()
         page.wait_for_selector("#study-viewer:not([hidden])", timeout=120000)
         assert page.locator("#strip span").count() == 300
+        assert page.is_visible("#colorbar") and page.is_visible("#study-heat")
+        # the uncertain band comes from the model card's screening and rule-in thresholds, not a fixed 20-80 %
+        import json
+
+        points = json.loads((tiny_bundle / "model.json").read_text())["calibration"]["operating_points"]
+        band = sorted(v for k, v in points.items() if k.startswith(("high sensitivity", "high specificity")))
+        assert f"{100 * band[0]:.1f}%" in (page.text_content("#uncertainty") or "") and f"{100 * band[1]:.1f}%" in (page.text_content("#uncertainty") or "")
         start = int(page.input_value("#slice"))
         assert page.text_content("#slice-text") == f"slice {start} of 300"
         page.focus("#stack")

@@ -399,6 +399,7 @@ def predict_command(
     from covidscan.predict import load_scorer
     from covidscan.serve.predictor import is_bundle
 
+    scorer = _bundle_scorer(model) if is_bundle(model) else load_scorer(model)  # a broken model card is the first error
     names: list[str] = []
     pixels: list[np.ndarray] = []
     for path in images:
@@ -415,7 +416,6 @@ def predict_command(
             frames = _image_slices(path, slice_index, read_image)
             names += [name for name, _ in frames]
             pixels += [p for _, p in frames]
-    scorer = _bundle_scorer(model) if is_bundle(model) else load_scorer(model)
     predictions = scorer.predict_pixels(names, pixels)
     for prediction in predictions:
         probs = "  ".join(f"P({name})={value:.3f}" for name, value in prediction.probabilities.items())
