@@ -217,7 +217,8 @@ def ablation_row(name: str, out: Path) -> dict[str, str] | None:
             "P1 ucsd-covid-ct patient AUC": _ci(p1["ucsd-covid-ct"]["patient_level"], "auc"),
             "P1 ucsd refused": f"{p1['ucsd-covid-ct']['gate']['refused']} / {p1['ucsd-covid-ct']['gate']['refused'] + p1['ucsd-covid-ct']['n']}",
             "P2 slice AUC": _ci(p2, "auc") if p2 else "not run", "P2 F1": _ci(p2, "f1") if p2 else "",
-            "P3 (one cluster split) AUC": _ci(p1["in-domain test"], "auc")}
+            "P3 (one cluster split) AUC": _ci(p1["in-domain test"], "auc"),
+            "P3 5-fold pooled AUC": pooled_cv(out / "P3")[0] if (out / "P3" / "fold-1").is_dir() else "not run"}
 
 
 def main() -> None:
