@@ -9,7 +9,8 @@ from covidscan.models.registry import get_backbone, list_backbones
 from covidscan.errors import ConfigError, WeightsError
 
 
-@pytest.mark.parametrize("name,size", [("resnet50", 64), ("densenet201", 64), ("vgg16", 64), ("inception_v3", 96), ("efficientnet_lite2", 64)])
+@pytest.mark.parametrize("name,size", [("resnet50", 64), ("densenet201", 64), ("vgg16", 64), ("inception_v3", 96), ("efficientnet_lite2", 64),
+                                       ("inception_resnet_v2", 96), ("efficientnet_b4", 64)])
 def test_seed_backbone_trains_one_step_on_gray_input(name: str, size: int) -> None:
     torch.manual_seed(0)
     model = CovidClassifier(name, num_classes=2, in_chans=1, weights="none")
@@ -32,6 +33,7 @@ def test_seed_backbone_trains_one_step_on_gray_input(name: str, size: int) -> No
 def test_registry_lists_seed_backbones_with_their_sizes() -> None:
     sizes = {spec.name: spec.input_size for spec in list_backbones()}
     assert sizes["inception_v3"] == 299 and sizes["vgg16"] == 224 and sizes["efficientnet_lite0"] == 224
+    assert sizes["inception_resnet_v2"] == 299 and sizes["efficientnet_b4"] == 380
 
 
 def test_missing_weights_offline_name_the_options() -> None:

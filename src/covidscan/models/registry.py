@@ -93,3 +93,9 @@ register(BackboneSpec("resnet50", "resnet50", 224, IMAGENET_MEAN, IMAGENET_STD, 
 register(BackboneSpec("densenet201", "densenet201", 224, IMAGENET_MEAN, IMAGENET_STD, "features", hub_tag="tv_in1k", notes="seed backbone"))
 register(BackboneSpec("vgg16", "vgg16", 224, IMAGENET_MEAN, IMAGENET_STD, "features", hub_tag="tv_in1k", notes="seed backbone; VGG's FC layers are replaced by the GAP head"))
 register(BackboneSpec("inception_v3", "inception_v3", 299, IMAGENET_MEAN, IMAGENET_STD, "Mixed_7c", hub_tag="tv_in1k", notes="seed backbone; 299 px"))
+# The chest X-ray seeds' backbones (issue 15): InceptionResNetV2 (best of five CNNs on nine merged X-ray sets) and
+# EfficientNet-B4 at 380 px (per-pathology binary tasks). No weights ship offline; hub tags for online users.
+register(BackboneSpec("inception_resnet_v2", "inception_resnet_v2", 299, TF_LITE_MEAN, TF_LITE_STD, "conv2d_7b", hub_tag="tf_in1k",
+                      notes="X-ray seed backbone; 299 px; TensorFlow-trained weights (inputs in [-1, 1])"))
+register(BackboneSpec("efficientnet_b4", "efficientnet_b4", 380, IMAGENET_MEAN, IMAGENET_STD, "bn2", hub_tag="ra2_in1k",
+                      notes="X-ray seed backbone; 380 px as in the seed study"))
