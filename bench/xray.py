@@ -35,7 +35,11 @@ def manifests(data: Path, folder: Path) -> dict[str, Path]:
         run([COVIDSCAN, "data", "index", str(data / "ieee8023"), str(data / "kermany-normal"), "-o", str(every)], folder / "index.log")
     frame = pd.read_csv(every, keep_default_na=False)
     paths = {"ieee8023": folder / "ieee8023.csv", "frankenstein": folder / "frankenstein.csv"}
-    _write(frame[frame["source"] == "ieee8023"], paths["ieee8023"])
+    ieee = frame[frame["source"] == "ieee8023"]
+    labels_per_patient = ieee.groupby("patient_id")["label"].nunique()
+    mixed = set(labels_per_patient.index[labels_per_patient > 1])  # follow-up images with another finding
+    print(f"ieee8023: {len(mixed)} patients with images of both classes left out ({ieee['patient_id'].isin(mixed).sum()} images)")
+    _write(ieee[~ieee["patient_id"].isin(mixed)], paths["ieee8023"])
     _write(frame[(frame["source"] == "kermany-normal") | (frame["label"] == "COVID")], paths["frankenstein"])
     return paths
 
