@@ -138,7 +138,7 @@ def _finding_class(finding: str) -> str:
 
 
 def load_ieee8023(root: Path, labels: LabelSet | None) -> pd.DataFrame:
-    """Reads index.csv (file, finding, patientid, view) or the collection's metadata.csv."""
+    """Reads index.csv (file, finding, patientid, view) or the collection's metadata.csv; lateral views are left out."""
     table_path = root / "index.csv" if (root / "index.csv").is_file() else root / "metadata.csv"
     if not table_path.is_file():
         raise DataError(root, "no index.csv or metadata.csv with finding/patientid columns")
@@ -148,10 +148,14 @@ def load_ieee8023(root: Path, labels: LabelSet | None) -> pd.DataFrame:
     if missing:
         raise DataError(table_path, f"missing column(s) {sorted(missing)}")
     rows: list[dict[str, object]] = []
+    from covidscan.data.sources import is_lateral
+
     for record in table.to_dict("records"):
         finding = _finding_class(record["finding"])
         if not finding:
             continue  # unlabelled ('todo'): counted by the audit through the table, not trained on
+        if is_lateral(record.get("view", "")):
+            continue  # laterals: another projection than the PA/AP images every X-ray seed trained on
         name = record[file_column]
         image = root / name if (root / name).is_file() else root / "images" / name
         if not image.is_file():

@@ -76,7 +76,14 @@ ACQUISITION_FIELDS = {  # manifest column -> DICOM keyword: how the image was ma
     "scanner": "ManufacturerModelName",
     "kernel": "ConvolutionKernel",
     "slice_thickness": "SliceThickness",
+    "view": "ViewPosition",  # X-ray projection: PA, AP, LL, ...
 }
+_LATERAL_VIEWS = {"L", "LL", "RL", "LAT", "LATERAL", "LLD", "RLD"}
+
+
+def is_lateral(view: object) -> bool:
+    """A lateral chest X-ray (ViewPosition LL/RL, 'L' in ieee8023's table): left out by default, as in the seeds."""
+    return str(view or "").strip().upper() in _LATERAL_VIEWS
 
 
 def _dicom_text(value: object) -> str:
@@ -117,8 +124,8 @@ def image_rows(path: Path, label: str, patient_id: str, source: str) -> list[dic
         slices = nifti_slice_count(path)
     elif is_dicom_file(path):
         slices, key, acquisition = _dicom_header(path)
-        if slices == 0:
-            return []  # a scout
+        if slices == 0 or is_lateral(acquisition.get("view")):
+            return []  # a scout, or a lateral X-ray
         base.update(acquisition)
         if not patient_id and key:
             base["patient_id"] = key
