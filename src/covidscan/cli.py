@@ -394,12 +394,11 @@ def predict_command(
 
     A folder or zip is one study: its DICOM series is chosen and ordered as the service does (scouts skipped, the
     series with the most slices, ordered by position), and the study answer is printed."""
-    from covidscan.data.io import read_image
     from covidscan.data.study import iter_study_images, plan_files, read_study_input
     from covidscan.predict import load_scorer
     from covidscan.serve.predictor import is_bundle
 
-    scorer = _bundle_scorer(model) if is_bundle(model) else load_scorer(model)  # a broken model card is the first error
+    scorer = _BundleScorer(model) if is_bundle(model) else load_scorer(model)  # a broken model card is the first error
     names: list[str] = []
     pixels: list[np.ndarray] = []
     for path in images:
@@ -413,7 +412,7 @@ def predict_command(
             _log(f"{path}: {plan.describe()}" + "".join(f"\n  skipped {s}: {r}" for s, r in skipped))
             study = True
         else:
-            frames = _image_slices(path, slice_index, read_image)
+            frames = _image_slices(path, slice_index)
             names += [name for name, _ in frames]
             pixels += [p for _, p in frames]
     predictions = scorer.predict_pixels(names, pixels)
@@ -428,9 +427,9 @@ def predict_command(
     console.print(DISCLAIMER, style="italic", markup=False)
 
 
-def _image_slices(path: Path, slice_index: int | None, read_image: Any) -> list[tuple[str, np.ndarray]]:
+def _image_slices(path: Path, slice_index: int | None) -> list[tuple[str, np.ndarray]]:
     """(name, pixels) of one file: every slice of a volume or multi-frame DICOM unless --slice picks one."""
-    from covidscan.data.io import is_dicom_file, is_volume_file, nifti_slice_count
+    from covidscan.data.io import is_dicom_file, is_volume_file, nifti_slice_count, read_image
 
     if slice_index is not None or not (is_volume_file(path) or is_dicom_file(path)):
         return [(str(path) + (f" [slice {slice_index}]" if slice_index is not None else ""), read_image(path, slice_index).pixels)]
@@ -453,28 +452,22 @@ def _study_line(label: str, probability: float, used: int, total: int, rule: dic
          f"{used} slices used, {total - used} refused)")
 
 
-def _bundle_scorer(folder: Path) -> Any:
-    """The served model (ONNX Runtime, with the input gate as the service applies it) behind `predict_pixels`."""
-    from covidscan.predict import Prediction
-    from covidscan.serve.predictor import load_bundle
+class _BundleScorer:
+    """An exported bundle behind the scorer interface `predict` uses (ONNX Runtime, the gate as the service applies it)."""
 
-    bundle = load_bundle(folder)
+    has_gate = True
 
-    class BundleScorer:
-        has_gate, gate_threshold, study_rule = True, bundle.gate_threshold, bundle.study_rule
+    def __init__(self, folder: Path) -> None:
+        from covidscan.serve.predictor import load_bundle
 
-        @staticmethod
-        def predict_pixels(names: list[str], pixels: list[np.ndarray]) -> list[Prediction]:
-            results = bundle.analyse(pixels, heatmaps=False)
-            return [Prediction(name, r.label, r.probabilities, bundle.threshold, r.in_distribution, r.gate_distance) for name, r in zip(names, results)]
+        self.bundle = load_bundle(folder)
+        self.gate_threshold, self.study_rule, self.study = self.bundle.gate_threshold, self.bundle.study_rule, self.bundle.study
 
-        @staticmethod
-        def study(predictions: list[Prediction]) -> tuple[str, float, int]:
-            from covidscan.decision import study_answer
+    def predict_pixels(self, names: list[str], pixels: list[np.ndarray]) -> list[Any]:
+        from covidscan.predict import Prediction
 
-            return study_answer([p.probabilities[bundle.classes[-1]] for p in predictions if p.in_distribution], bundle.classes, bundle.study_rule)
-
-    return BundleScorer()
+        results = self.bundle.analyse(pixels, heatmaps=False)
+        return [Prediction(name, r.label, r.probabilities, self.bundle.threshold, r.in_distribution, r.gate_distance) for name, r in zip(names, results)]
 
 
 @app.command("export")

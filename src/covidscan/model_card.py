@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -193,6 +195,13 @@ class CardFields:
     @property
     def gate_threshold(self) -> float:
         return self.model_card.gate_threshold
+
+    def study(self, results: Sequence[Any]) -> tuple[str, float, int]:
+        """(label, probability, slices used) of slices taken as one study: the card's rule over the accepted ones.
+        `results`: anything with `probabilities` and `in_distribution` (a scorer's Prediction, a bundle's SliceResult)."""
+        from covidscan.decision import study_answer
+
+        return study_answer([r.probabilities[self.classes[-1]] for r in results if r.in_distribution], self.classes, self.study_rule)
 
 
 def read_model_card(path: Path, missing: str) -> ModelCard:

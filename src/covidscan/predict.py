@@ -19,7 +19,7 @@ import torch
 from covidscan import DISCLAIMER
 from covidscan.data.io import load_image_array
 from covidscan.data.transforms import Normaliser
-from covidscan.decision import REFUSED, apply_temperature, slice_label, study_answer
+from covidscan.decision import REFUSED, apply_temperature, slice_label
 from covidscan.errors import CovidscanError
 from covidscan.gate import gate_distance, load_gate
 from covidscan.model_card import ENSEMBLE, CardFields, ModelCard, read_model_card
@@ -108,10 +108,6 @@ class DeployedScorer(CardFields, ABC):
             label = slice_label(p, self.classes, self.threshold) if accepted else REFUSED
             out.append(Prediction(str(path), label, {c: float(v) for c, v in zip(self.classes, p)}, self.threshold, accepted, float(d)))
         return out
-
-    def study(self, predictions: list[Prediction]) -> tuple[str, float, int]:
-        """(label, probability, slices used) of images taken as one study, by the model card's study rule."""
-        return study_answer([p.probabilities[self.classes[-1]] for p in predictions if p.in_distribution], self.classes, self.study_rule)
 
 
 class Predictor(DeployedScorer):

@@ -17,7 +17,7 @@ from covidscan import DISCLAIMER
 from covidscan.data.preprocess import prepare_image
 from covidscan.atomic import recover_folder
 from covidscan.combine import combine, heatmap_weights
-from covidscan.decision import apply_temperature, slice_label, study_answer
+from covidscan.decision import apply_temperature, slice_label
 from covidscan.errors import CovidscanError
 from covidscan.gate import gate_distance, load_gate
 from covidscan.model_card import ENSEMBLE, CardFields, ModelCard, read_model_card
@@ -99,10 +99,6 @@ class ServedModel(CardFields):
             out["members"] = [m.to_json() for m in self.model_card.members]
             out["combiner"] = self.model_card.combiner.get("method")
         return out
-
-    def study(self, results: list[SliceResult]) -> tuple[str, float, int]:
-        """(label, probability, slices used) of slices taken as one study: the model card's rule over accepted slices."""
-        return study_answer([r.probabilities[self.classes[-1]] for r in results if r.in_distribution], self.classes, self.study_rule)
 
     def prepare(self, pixels: np.ndarray) -> np.ndarray:
         """Gray float image in [0, 1] of any size -> the model's uint8 input (size x size), as in training."""
