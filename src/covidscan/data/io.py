@@ -268,16 +268,11 @@ def is_ct(ds: object) -> bool:
     return str(getattr(ds, "Modality", "") or "") == "CT"
 
 
-def dicom_hu(ds: object, raw: np.ndarray) -> np.ndarray:
-    """One CT frame in HU, in the radiological display orientation (for viewers' window presets)."""
-    return radiological(_modality_values(ds, raw), ds)
-
-
-def _dicom_pixels(ds: object, raw: np.ndarray, ct_window: tuple[float, float]) -> np.ndarray:
-    """One frame of stored values -> float32 [0, 1]: modality LUT to HU, CT window or VOI LUT, MONOCHROME1 inverted."""
+def _dicom_pixels(ds: object, values: np.ndarray, ct_window: tuple[float, float]) -> np.ndarray:
+    """One frame's modality values (`_modality_values`; a CT frame is windowed in place) -> float32 [0, 1]:
+    CT window or VOI LUT, MONOCHROME1 inverted, radiological orientation."""
     from pydicom.pixels import apply_voi_lut
 
-    values = _modality_values(ds, raw)
     if is_ct(ds):
         pixels = window(values, *ct_window, in_place=True)  # no second full-size copy
     else:
@@ -350,8 +345,9 @@ def iter_dicom(data: bytes, where: str, ct_window: tuple[float, float] = LUNG_WI
     """Every frame of a DICOM file, decoded once (with `keep_hu`, CT frames also in HU)."""
     ds, raw, meta = _decoded_dicom(data, where, max_pixels)
     for frame in raw:
-        hu = dicom_hu(ds, frame) if keep_hu and is_ct(ds) else None
-        yield ImageData(pixels=_dicom_pixels(ds, frame, ct_window), meta=dict(meta), hu=hu)
+        values = _modality_values(ds, frame)
+        hu = radiological(values.copy(), ds) if keep_hu and is_ct(ds) else None  # a copy: the window works in place
+        yield ImageData(pixels=_dicom_pixels(ds, values, ct_window), meta=dict(meta), hu=hu)
 
 
 def read_dicom(
@@ -365,7 +361,7 @@ def read_dicom(
     frames = raw.shape[0]
     if frames > 1 and (frame is None or not 0 <= frame < frames):
         raise ImageReadError(where, f"multi-frame DICOM with {frames} frames needs a frame index in [0, {frames})")
-    return ImageData(pixels=_dicom_pixels(ds, raw[frame or 0], ct_window), meta=meta)
+    return ImageData(pixels=_dicom_pixels(ds, _modality_values(ds, raw[frame or 0]), ct_window), meta=meta)
 
 
 def nifti_slice_count(path: str | Path) -> int:

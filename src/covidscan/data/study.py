@@ -31,6 +31,9 @@ import numpy as np
 
 from covidscan.errors import ImageReadError
 
+if TYPE_CHECKING:
+    from covidscan.data.io import ImageData
+
 MAX_STUDY_FILES = 2048  # files in one study (a 1 mm chest CT has 300-400; a multi-series export more)
 MAX_ZIP_BYTES = 2_000_000_000  # inflated bytes of one zip upload or file (a zip bomb stops here)
 _SCOUT_TYPES = ("LOCALIZER", "SCOUT")
@@ -48,7 +51,6 @@ class SliceHeader:
     thickness: float | None
     scout: bool
     frames: int = 1
-    modality: str = ""
 
 
 @dataclass
@@ -97,14 +99,13 @@ def _position(ds: object) -> float | None:
     return float(origin @ normal)
 
 
-def read_header(data: bytes | io.BufferedIOBase | object, source: str) -> SliceHeader:
+def read_header(data: bytes, source: str) -> SliceHeader:
     """The planning fields of one DICOM file (pixel data is not read). Raises ImageReadError naming `source`."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
     try:
-        ds = pydicom.dcmread(stream, stop_before_pixels=True, force=True)  # type: ignore[arg-type]
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
         if "SOPClassUID" not in ds and "Rows" not in ds:
             raise ImageReadError(source, "not a DICOM image (no SOP class, no image size)")
         uid = str(ds.get("SeriesInstanceUID", "") or "")
@@ -115,7 +116,6 @@ def read_header(data: bytes | io.BufferedIOBase | object, source: str) -> SliceH
             series_number=int(number) if number is not None else None, instance=int(instance) if instance is not None else None,
             position=_position(ds), thickness=_number(ds.get("SliceThickness")),
             scout=is_scout(ds), frames=max(int(_number(ds.get("NumberOfFrames")) or 1), 1),
-            modality=str(ds.get("Modality", "") or ""),
         )
     except ImageReadError:
         raise
@@ -228,7 +228,7 @@ def plan_files(named: Iterable[tuple[str, bytes]]) -> StudyPlan:
 
 
 def iter_study_images(plan: StudyPlan, data: dict[str, bytes], skipped: list[tuple[str, str]], keep_hu: bool = False
-                      ) -> Iterator[tuple[str, "ImageData"]]:
+                      ) -> Iterator[tuple[str, ImageData]]:
     """(slice name, image) for every frame of the planned files, in body order, one file decoded at a time;
     a file that fails to decode is added to `skipped` with its reason, never fatal."""
     from covidscan.data.io import iter_image_bytes
@@ -253,6 +253,3 @@ def read_study_input(path: Path) -> list[tuple[str, bytes]]:
         raise ImageReadError(path, "a study is a folder of DICOM files or a zip of one")
     return list(zip_members(data, str(path)))
 
-
-if TYPE_CHECKING:
-    from covidscan.data.io import ImageData

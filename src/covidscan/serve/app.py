@@ -44,7 +44,8 @@ from covidscan.data.io import ImageReadError, iter_image_bytes, sniff_kind
 from covidscan.serve import DEFAULT_MAX_UPLOAD_MB
 from covidscan.explain.overlay import colorize, png_bytes
 from covidscan.serve.predictor import EnsembleBundle, Bundle, SliceResult, load_bundle
-from covidscan.serve.study_view import StudyAnalysis, StudyViews, analyse_study, expand_uploads
+from covidscan.data.study import is_zip
+from covidscan.serve.study_view import StudyAnalysis, StudyView, StudyViews, analyse_study, expand_uploads
 
 log = logging.getLogger("covidscan.serve")
 
@@ -345,7 +346,7 @@ def create_app(
         for position, upload in enumerate(files):
             named.append((f"#{position + 1} {(upload.filename or 'upload')[:120]}", await upload.read()))
             await upload.close()  # frees the in-memory spool: the bytes are now held once
-        if (study or any(data[:4] == b"PK\x03\x04" for _, data in named)) and len(named) <= MAX_FILES:
+        if study or any(is_zip(data) for _, data in named):
             try:
                 named = await run_in_threadpool(expand_uploads, named)
             except ImageReadError as exc:
@@ -407,7 +408,7 @@ def create_app(
             study=summary, viewer=viewer, timing_ms={"total": round(total_ms, 2)},
         )
 
-    def _view(study_id: str) -> Any:
+    def _view(study_id: str) -> StudyView:
         view = views.get(study_id)
         if view is None:
             raise ApiError(404, "study not found", f"no study {study_id[:40]!r}: its images are kept for half an hour after the analysis")

@@ -88,10 +88,11 @@ def _new_instance(identifiers: object, sop_class: str, modality: str, series_num
     return ds
 
 
-def _answer_lines(analysis: StudyAnalysis, bundle: Bundle | EnsembleBundle) -> list[tuple[str, str]]:
+def answer_lines(analysis: StudyAnalysis, bundle: Bundle | EnsembleBundle) -> list[tuple[str, str]]:
+    """The answer as (name, text) pairs: the SR's items and the Secondary Capture's burned-in text."""
     from covidscan.decision import rule_name
 
-    label, probability, used = bundle.study([r for r in analysis.results])
+    label, probability, used = bundle.study(analysis.results)
     refused = len(analysis.results) - used
     answer = "refused: no slice is like the model's training data" if not used else f"{label} (probability {probability:.3f})"
     return [
@@ -105,7 +106,7 @@ def _answer_lines(analysis: StudyAnalysis, bundle: Bundle | EnsembleBundle) -> l
     ]
 
 
-def structured_report(analysis: StudyAnalysis, bundle: Bundle | EnsembleBundle, identifiers: object) -> object:
+def structured_report(lines: list[tuple[str, str]], identifiers: object) -> object:
     """A Basic Text SR with the study answer (a container of TEXT items)."""
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
@@ -120,7 +121,7 @@ def structured_report(analysis: StudyAnalysis, bundle: Bundle | EnsembleBundle, 
     ds.CompletionFlag, ds.VerificationFlag = "COMPLETE", "UNVERIFIED"
     ds.ConceptNameCodeSequence = Sequence([code("CS-REPORT", "covidscan decision support report")])
     items = []
-    for index, (name, text) in enumerate(_answer_lines(analysis, bundle)):
+    for index, (name, text) in enumerate(lines):
         item = Dataset()
         item.RelationshipType, item.ValueType = "CONTAINS", "TEXT"
         item.ConceptNameCodeSequence = Sequence([code(f"CS-{index}", name)])
@@ -130,7 +131,7 @@ def structured_report(analysis: StudyAnalysis, bundle: Bundle | EnsembleBundle, 
     return ds
 
 
-def secondary_capture(analysis: StudyAnalysis, bundle: Bundle | EnsembleBundle, identifiers: object) -> object:
+def secondary_capture(analysis: StudyAnalysis, bundle: Bundle | EnsembleBundle, lines: list[tuple[str, str]], identifiers: object) -> object:
     """The most suspicious accepted slice with its heat map and the answer burned in (RGB Secondary Capture)."""
     from PIL import Image, ImageDraw
 
@@ -140,16 +141,16 @@ def secondary_capture(analysis: StudyAnalysis, bundle: Bundle | EnsembleBundle, 
     accepted = [i for i, r in enumerate(analysis.results) if r.in_distribution] or list(range(len(analysis.results)))
     best = max(accepted, key=lambda i: analysis.results[i].probabilities[positive])
     view = analysis.view
-    rgb = overlay(view.gray[best], view.heat[best].astype(np.float32) / 255.0, opacity=0.45)
+    rgb = overlay(view.gray_slice(best), view.heat[best].astype(np.float32) / 255.0, opacity=0.45)
     size = rgb.shape[0]
     canvas = Image.new("RGB", (size, size + 96), "black")
     canvas.paste(Image.fromarray(rgb), (0, 0))
     bar = colorize(np.tile(np.linspace(0, 1, size, dtype=np.float32), (8, 1)))
     canvas.paste(Image.fromarray(bar), (0, size + 2))
     draw = ImageDraw.Draw(canvas)
-    lines = dict(_answer_lines(analysis, bundle))
-    text = [f"slice {best + 1} of {len(analysis.results)}   heat: low -> high", lines["Study answer"][:60], "DECISION SUPPORT ONLY - NOT A DIAGNOSIS",
-            lines["Model"][:60]]
+    named = dict(lines)
+    text = [f"slice {best + 1} of {len(analysis.results)}   heat: low -> high", named["Study answer"][:60], "DECISION SUPPORT ONLY - NOT A DIAGNOSIS",
+            named["Model"][:60]]
     for row, line in enumerate(text):
         draw.text((4, size + 14 + 19 * row), line, fill=(255, 255, 0) if row == 2 else (255, 255, 255))
     pixels = np.asarray(canvas, np.uint8)
@@ -247,7 +248,8 @@ class DicomListener:
         except ImageReadError as exc:
             log.warning("study of %d instances not analysed: %s", len(study.files), exc.problem)
             return
-        reply = [structured_report(analysis, self.bundle, study.identifiers), secondary_capture(analysis, self.bundle, study.identifiers)]
+        lines = answer_lines(analysis, self.bundle)
+        reply = [structured_report(lines, study.identifiers), secondary_capture(analysis, self.bundle, lines, study.identifiers)]
         try:
             statuses = send(reply, self.destination, self.ae_title)
         except CovidscanError as exc:
