@@ -145,3 +145,15 @@ def test_predict_command_takes_a_study_folder_a_zip_and_a_nifti_slice(tiny_run: 
         assert all(f"[slice {i}]" in text for i in range(3)) == bool(extra)  # every slice of the volume
     one = run(str(tiny_bundle), str(nifti), "--slice", "2")
     assert "[slice 2]" in one and "[slice 0]" not in one
+
+
+def test_study_view_windows_hu_itself_and_keeps_gray_only_for_inputs_without_hu() -> None:
+    from covidscan.serve.study_view import StudyView
+
+    hu = np.array([[[-1350, -600, 150, 1000]]], np.int16)
+    view = StudyView(hu=hu, gray=None, heat=np.zeros((1, 1, 4), np.uint8), sources=["a"])
+    assert view.gray_slice(0).tolist() == [[0, 128, 255, 255]]  # the lung window, the model's own
+    assert view.gray_slice(0, "mediastinum").tolist() == [[0, 0, 198, 255]] and view.windows == ["lung", "mediastinum", "bone"]
+    gray = np.array([[[7, 9]]], np.uint8)
+    plain = StudyView(hu=None, gray=gray, heat=np.zeros((1, 1, 2), np.uint8), sources=["a"])
+    assert plain.windows == ["as sent"] and np.array_equal(plain.gray_slice(0, "mediastinum"), gray[0])

@@ -9,7 +9,7 @@ read and slices the input gate refuses are reported, never fatal.
 What the viewer needs afterwards (display slices at `VIEW_SIZE` px, in HU for
 CT DICOM so the page can switch window presets, and each slice's heat map) is
 kept in memory under a random study ID for `VIEW_TTL_S`, at most `MAX_VIEWS`
-studies: about 50 MB for 300 slices. Nothing is written to disk and no patient
+studies: about 60 MB for 300 CT slices (HU as int16 and the heat maps as uint8, 256 px). Nothing is written to disk and no patient
 field is kept.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from covidscan.data.intensity import LUNG_WINDOW
 from covidscan.data.preprocess import prepare_with_box
 from covidscan.data.study import StudyPlan, is_zip, iter_study_images, plan_files, zip_members
 from covidscan.errors import ImageReadError
@@ -34,16 +35,18 @@ from covidscan.serve.predictor import Bundle, EnsembleBundle, SliceResult
 VIEW_SIZE = 256
 MAX_VIEWS = 4
 VIEW_TTL_S = 1800.0
-# CT window presets (low, high) in HU: lung W1500/L-600, mediastinum (soft tissue) W400/L40, bone W1800/L400.
-WINDOWS = {"lung": (-1350.0, 150.0), "mediastinum": (-160.0, 240.0), "bone": (-500.0, 1300.0)}
+# CT window presets (low, high) in HU: lung = the model's own window (W1500/L-600), mediastinum (soft tissue)
+# W400/L40, bone W1800/L400.
+WINDOWS = {"lung": (LUNG_WINDOW[1] - LUNG_WINDOW[0] / 2, LUNG_WINDOW[1] + LUNG_WINDOW[0] / 2),
+           "mediastinum": (-160.0, 240.0), "bone": (-500.0, 1300.0)}
 
 
 @dataclass
 class StudyView:
     """Display slices and heat maps of one analysed study, for GET .../studies/{id}/..."""
 
-    hu: np.ndarray | None  # (n, S, S) int16 HU, CT DICOM only
-    gray: np.ndarray  # (n, S, S) uint8: the slice as sent, in the model's window
+    hu: np.ndarray | None  # (n, S, S) int16 HU: CT DICOM (the gray image is its lung window)
+    gray: np.ndarray | None  # (n, S, S) uint8: the slice as the model saw it, for inputs without HU
     heat: np.ndarray  # (n, S, S) uint8: the heat map placed where the model looked
     sources: list[str]
     created: float = field(default_factory=time.monotonic)
@@ -52,13 +55,17 @@ class StudyView:
     def windows(self) -> list[str]:
         return list(WINDOWS) if self.hu is not None else ["as sent"]
 
-    def slice_png(self, number: int, window: str) -> bytes:
-        index = self._index(number)
-        if self.hu is None or window not in WINDOWS:
-            return png_bytes(self.gray[index], fast=True)
-        low, high = WINDOWS[window]
+    def gray_slice(self, index: int, window: str = "lung") -> np.ndarray:
+        """uint8 slice `index` (from 0): in the window preset for HU, as the model saw it otherwise (the lung window
+        is the model's own CT window)."""
+        if self.hu is None:
+            return self.gray[index]  # type: ignore[index]
+        low, high = WINDOWS.get(window, WINDOWS["lung"])
         scaled = (self.hu[index].astype(np.float32) - low) / (high - low)
-        return png_bytes(np.clip(np.round(scaled * 255), 0, 255).astype(np.uint8), fast=True)
+        return np.clip(np.round(scaled * 255), 0, 255).astype(np.uint8)
+
+    def slice_png(self, number: int, window: str) -> bytes:
+        return png_bytes(self.gray_slice(self._index(number), window), fast=True)
 
     def heat_png(self, number: int) -> bytes:
         heat = self.heat[self._index(number)]
@@ -66,8 +73,8 @@ class StudyView:
         return png_bytes(rgba, fast=True)
 
     def _index(self, number: int) -> int:
-        if not 1 <= number <= len(self.gray):
-            raise KeyError(f"slice {number} does not exist; the study has slices 1 to {len(self.gray)}")
+        if not 1 <= number <= len(self.heat):
+            raise KeyError(f"slice {number} does not exist; the study has slices 1 to {len(self.heat)}")
         return number - 1
 
 
@@ -162,5 +169,5 @@ def analyse_study(bundle: Bundle | EnsembleBundle, named: list[tuple[str, bytes]
                      for r, box in zip(results, seen_boxes)])
     for r in results:
         r.heatmap = None  # the view holds them; the JSON answer links to them instead of inlining 300 maps
-    view = StudyView(hu=np.stack(hu) if keep_hu else None, gray=np.stack(gray), heat=heat, sources=sources)  # type: ignore[arg-type]
+    view = StudyView(hu=np.stack(hu) if keep_hu else None, gray=None if keep_hu else np.stack(gray), heat=heat, sources=sources)  # type: ignore[arg-type]
     return StudyAnalysis(plan, results, sources, view, skipped, digest.hexdigest())
