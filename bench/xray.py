@@ -10,6 +10,9 @@ Reads ../shared/data/covid-cxr (ieee8023 with patient IDs; kermany-normal, child
      224 x 224): the audit's shortcut warnings; a classifier on file properties alone (size, aspect, bytes, mode,
      format; logistic regression, 5 patient-grouped folds); the CNN with a random image split and with a patient
      split (full report: heat maps, t-SNE).
+  C  three classes as the seeds merged them: COVID-19 (ieee8023) / other pneumonia (ieee8023) / normal (kermany
+     children + ieee8023's 13 "No Finding"): a random image split (as the seeds) and a patient split; one-vs-rest
+     AUC per class with patient-clustered CIs. Still a Frankenstein set: "normal" is almost only children.
 Every figure is an AUC with a 95 % CI clustered by patient (pooled out-of-fold predictions for CV). Plain
 covidscan commands, printed before they run; finished runs are kept.
 """
@@ -34,14 +37,24 @@ def manifests(data: Path, folder: Path) -> dict[str, Path]:
     if not every.is_file():
         run([COVIDSCAN, "data", "index", str(data / "ieee8023"), str(data / "kermany-normal"), "-o", str(every)], folder / "index.log")
     frame = pd.read_csv(every, keep_default_na=False)
-    paths = {"ieee8023": folder / "ieee8023.csv", "frankenstein": folder / "frankenstein.csv"}
-    ieee = frame[frame["source"] == "ieee8023"]
-    labels_per_patient = ieee.groupby("patient_id")["label"].nunique()
-    mixed = set(labels_per_patient.index[labels_per_patient > 1])  # follow-up images with another finding
-    print(f"ieee8023: {len(mixed)} patients with images of both classes left out ({ieee['patient_id'].isin(mixed).sum()} images)")
-    _write(ieee[~ieee["patient_id"].isin(mixed)], paths["ieee8023"])
+    paths = {"ieee8023": folder / "ieee8023.csv", "frankenstein": folder / "frankenstein.csv", "three-class": folder / "three-class.csv"}
+    ieee = _single_label_patients(frame[frame["source"] == "ieee8023"], "ieee8023")
+    _write(ieee, paths["ieee8023"])
     _write(frame[(frame["source"] == "kermany-normal") | (frame["label"] == "COVID")], paths["frankenstein"])
+    three = folder / "cxr-three-class-all.csv"
+    if not three.is_file():
+        run([COVIDSCAN, "data", "index", str(data / "ieee8023"), str(data / "kermany-normal"), "--labels", "COVID,normal,pneumonia",
+             "-o", str(three)], folder / "index.log")
+    _write(_single_label_patients(pd.read_csv(three, keep_default_na=False), "three classes"), paths["three-class"])
     return paths
+
+
+def _single_label_patients(frame: pd.DataFrame, what: str) -> pd.DataFrame:
+    """Patients whose images carry one label only (follow-ups with another finding are left out, and counted)."""
+    labels_per_patient = frame.groupby("patient_id")["label"].nunique()
+    mixed = set(labels_per_patient.index[labels_per_patient > 1])
+    print(f"{what}: {len(mixed)} patients with images of more than one class left out ({frame['patient_id'].isin(mixed).sum()} images)")
+    return frame[~frame["patient_id"].isin(mixed)]
 
 
 def commands(paths: dict[str, Path], config: list[str], sets: list[str], out: Path) -> list[tuple[Path, list[str]]]:
@@ -56,6 +69,8 @@ def commands(paths: dict[str, Path], config: list[str], sets: list[str], out: Pa
         (out / "B-random", train + quick + ["--set", "split.by=random", str(paths["frankenstein"]), "-o", str(out / "B-random")]),
         (out / "B-patient", train + full + ["--set", "split.by=patient", str(paths["frankenstein"]), "-o", str(out / "B-patient")]),
         (out / "B-audit", [COVIDSCAN, "audit", str(paths["frankenstein"]), "-o", str(out / "B-audit")]),
+        (out / "C-random", train + quick + ["--set", "split.by=random", "--set", "data.labels=auto", str(paths["three-class"]), "-o", str(out / "C-random")]),
+        (out / "C-patient", train + quick + ["--set", "split.by=patient", "--set", "data.labels=auto", str(paths["three-class"]), "-o", str(out / "C-patient")]),
     ]
 
 
@@ -114,6 +129,13 @@ def table(out: Path) -> str:
     for name, split in (("B-random", "random image split"), ("B-patient", "grouped by patient")):
         if (out / name / "metrics.json").is_file():
             add("B: Frankenstein (ieee8023 COVID-19 + kermany children)", f"one {split}", "test part, CNN", _ci(_sets(out / name)["in-domain test"], "auc"))
+    for name, split in (("C-random", "random image split (as the seeds)"), ("C-patient", "grouped by patient")):
+        if (out / name / "metrics.json").is_file():
+            test = _sets(out / name)["in-domain test"]
+            per_class = test["metrics"]["per_class"]
+            figure = "; ".join(f"{c} {_auc({'value': v['auc'], **v['auc_ci']})}" for c, v in per_class.items())
+            add("C: COVID-19 / pneumonia / normal, merged sources", f"one {split}", "test part, one-vs-rest AUC per class",
+                f"{figure}; macro F1 {test['metrics']['macro_f1']:.3f}")
     text = markdown_table(rows)
     audit = out / "B-audit" / "audit.json"
     if audit.is_file():

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from covidscan.config import load_config
@@ -163,7 +164,14 @@ def test_three_classes_train_evaluate_and_report(tiny_phantom: Path, tmp_path: P
     gate = metrics["evaluation"]["sets"]["in-domain test"]["gate"]
     assert 0.0 <= result["macro_f1"] <= 1.0 and result["n"] + gate["refused"] == metrics["split"]["counts"]["test"]
     page = (tmp_path / "run" / "report.html").read_text()
-    assert "macro F1" in page and "pneumonia" in page
+    assert "macro F1" in page and "pneumonia" in page and "AUC [95 % CI]" in page
+    # each class's one-vs-rest AUC has its patient-clustered interval, and every class's probability is kept per image
+    for name, row in result["per_class"].items():
+        ci = row["auc_ci"]
+        assert ci["low"] <= row["auc"] <= ci["high"] and ci["high"] - ci["low"] > 0, name
+    predictions = pd.read_csv(tmp_path / "run" / "test_predictions.csv")
+    assert [c for c in predictions.columns if c.startswith("p_")] == ["p_COVID", "p_normal", "p_pneumonia"]
+    assert np.allclose(predictions[["p_COVID", "p_normal", "p_pneumonia"]].sum(axis=1), 1.0, atol=1e-5)
 
 
 def test_channels_last_default_keeps_the_split_and_the_metrics_within_noise(tiny_phantom: Path, tiny_run: Path, tmp_path: Path) -> None:

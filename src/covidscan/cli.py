@@ -320,7 +320,10 @@ def compare_command(
             raise CovidscanError(f"{path}: no predictions for {on!r}; run `covidscan evaluate {run}` (sets: "
                                  f"{', '.join(sorted(p.stem for p in (run / 'predictions').glob('*.csv'))) or 'none'})")
         frames.append(pd.read_csv(path, keep_default_na=False))
-    column = [c for c in frames[0].columns if c.startswith("p_")][0]
+    columns = [c for c in frames[0].columns if c.startswith("p_")]
+    if len(columns) != 1:
+        raise CovidscanError(f"{run_a}: a model of {len(columns)} classes; `compare` tests two-class models (McNemar, DeLong on the positive class)")
+    column = columns[0]
     rules = tuple(_study_rule_of(run) for run in (run_a, run_b))
     result = compare_predictions(frames[0], frames[1], column, rules)  # type: ignore[arg-type]
     m, d = result["mcnemar"], result["delong"]
@@ -505,7 +508,8 @@ def export_command(
 
 @app.command("serve")
 def serve_command(
-    bundle: Annotated[Path, typer.Argument(help="Bundle folder from `covidscan export` (or a run folder with a bundle/ inside).")],
+    bundles: Annotated[list[Path], typer.Argument(help="Bundle folders from `covidscan export` (or run folders with a bundle/ inside); "
+                                                       "several: one per modality (a CT and a chest X-ray model), each upload routed to one.")],
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest request body accepted (413 above); 400 MB takes a 300-slice study.")] = DEFAULT_MAX_UPLOAD_MB,
@@ -515,15 +519,14 @@ def serve_command(
     read_timeout: Annotated[float, typer.Option(help="Seconds a request body may stall before the server answers 408.")] = 30.0,
     max_connections: Annotated[int, typer.Option(help="Open connections before the server answers 503.")] = 16,
 ) -> None:
-    """Serve the web page and REST API for an exported model (ONNX Runtime; no torch)."""
+    """Serve the web page and REST API for exported models (ONNX Runtime; no torch)."""
     from covidscan.serve.__main__ import run_server
 
     from covidscan.serve.predictor import is_bundle
 
-    if is_bundle(bundle / "bundle"):
-        bundle = bundle / "bundle"
+    folders = [str(b / "bundle") if is_bundle(b / "bundle") else str(b) for b in bundles]
     _log(f"covidscan service on http://{host}:{port}/  (API docs: /docs)  {DISCLAIMER}")
-    run_server(str(bundle), host, port, max_upload_mb, api_key, cors_origin, 0, concurrency, read_timeout, max_connections)
+    run_server(folders, host, port, max_upload_mb, api_key, cors_origin, 0, concurrency, read_timeout, max_connections)
 
 
 @app.command("dicom-listen")

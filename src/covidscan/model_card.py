@@ -196,6 +196,12 @@ class CardFields:
     def gate_threshold(self) -> float:
         return self.model_card.gate_threshold
 
+    @property
+    def modality(self) -> str:
+        """'CT', 'CXR' or '' (unknown: trained on a manifest without one modality, or before it was recorded)."""
+        data = self.model_card.raw.get("training_data") or {}
+        return str(data.get("modality", "")) if isinstance(data, dict) else ""
+
     def study(self, results: Sequence[Any]) -> tuple[str, float, int]:
         """(label, probability, slices used) of slices taken as one study: the card's rule over the accepted ones.
         `results`: anything with `probabilities` and `in_distribution` (a scorer's Prediction, a bundle's SliceResult)."""

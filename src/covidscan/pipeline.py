@@ -245,6 +245,15 @@ def deployed_decision(
     return {**decision, "gate": gate_card}
 
 
+def training_modality(frame: pd.DataFrame) -> str:
+    """'CT' or 'CXR' when every image of the manifest has that modality, else '' (unknown or mixed).
+    The service routes uploads to a model by it (serve/router.py)."""
+    if "modality" not in frame.columns:
+        return ""
+    values = set(frame["modality"].astype(str).str.strip().str.upper())
+    return values.pop() if len(values) == 1 and values <= {"CT", "CXR"} else ""
+
+
 def data_summary(frame: pd.DataFrame) -> dict[str, object]:
     """Provenance without patient IDs: images and patients per source, class and split."""
     counts = frame.groupby(["source", "label"]).size() if "source" in frame.columns else frame.groupby("label").size()
@@ -255,6 +264,7 @@ def data_summary(frame: pd.DataFrame) -> dict[str, object]:
         "images_without_patient_id": int((frame["patient_id"].astype(str) == "").sum()),
         "by_source_and_class": {" / ".join(map(str, k)) if isinstance(k, tuple) else str(k): int(v) for k, v in counts.items()},
     }
+    summary["modality"] = training_modality(frame)
     if "split" in frame.columns:
         summary["by_split"] = {
             split: {"images": int((frame["split"] == split).sum()),

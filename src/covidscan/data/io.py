@@ -268,6 +268,16 @@ def is_ct(ds: object) -> bool:
     return str(getattr(ds, "Modality", "") or "") == "CT"
 
 
+# DICOM Modality (0008,0060) -> the family a model is trained on: CT slices or chest radiographs
+# (CR computed, DX digital radiography). Anything else (MR, US, OT, SC, ...) has no family: ''.
+MODALITY_FAMILY = {"CT": "CT", "CR": "CXR", "DX": "CXR"}
+
+
+def modality_family(dicom_modality: object) -> str:
+    """'CT', 'CXR' or '' for a DICOM Modality value."""
+    return MODALITY_FAMILY.get(str(dicom_modality or "").strip().upper(), "")
+
+
 def _dicom_pixels(ds: object, values: np.ndarray, ct_window: tuple[float, float]) -> np.ndarray:
     """One frame's modality values (`_modality_values`; a CT frame is windowed in place) -> float32 [0, 1]:
     CT window or VOI LUT, MONOCHROME1 inverted, radiological orientation."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from covidscan.data.io import is_dicom_file, is_image_file, is_volume_file, nifti_slice_count, patient_key
+from covidscan.data.io import is_dicom_file, is_image_file, is_volume_file, modality_family, nifti_slice_count, patient_key
 from covidscan.data.manifest import new_manifest, read_csv_table
 from covidscan.errors import DataError, ImageReadError
 
@@ -113,6 +113,7 @@ def _dicom_header(path: Path) -> tuple[int, str, dict[str, str]]:
         return 0, "", {}
     pid = str(getattr(ds, "PatientID", "") or "")
     acquisition = {column: _dicom_text(getattr(ds, keyword, None)) for column, keyword in ACQUISITION_FIELDS.items()}
+    acquisition["modality"] = modality_family(getattr(ds, "Modality", ""))
     return int(getattr(ds, "NumberOfFrames", 1) or 1), patient_key(pid) if pid else "", acquisition
 
 
@@ -122,6 +123,7 @@ def image_rows(path: Path, label: str, patient_id: str, source: str) -> list[dic
     slices = 1
     if is_volume_file(path):
         slices = nifti_slice_count(path)
+        base["modality"] = "CT"  # a NIfTI volume is a CT series (covidscan reads no other)
     elif is_dicom_file(path):
         slices, key, acquisition = _dicom_header(path)
         if slices == 0 or is_lateral(acquisition.get("view")):

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from covidscan.data.io import modality_family
 from covidscan.errors import ImageReadError
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ class SliceHeader:
     thickness: float | None
     scout: bool
     frames: int = 1
+    modality: str = ""  # 'CT', 'CXR' or '' (data.io.modality_family): which served model answers
 
 
 @dataclass
@@ -116,6 +118,7 @@ def read_header(data: bytes, source: str) -> SliceHeader:
             series_number=int(number) if number is not None else None, instance=int(instance) if instance is not None else None,
             position=_position(ds), thickness=_number(ds.get("SliceThickness")),
             scout=is_scout(ds), frames=max(int(_number(ds.get("NumberOfFrames")) or 1), 1),
+            modality=modality_family(ds.get("Modality", "")),
         )
     except ImageReadError:
         raise

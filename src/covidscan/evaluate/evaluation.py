@@ -26,7 +26,7 @@ from covidscan.config import EvaluateConfig
 from covidscan.errors import DataError
 from covidscan.decision import DECISION_SETTINGS, DEFAULT_STUDY_RULE, apply_temperature, choose_study_rule, cross_fitted_temperature, rule_name, study_scores
 from covidscan.evaluate.curves import pr_points, reliability_bins, roc_points
-from covidscan.evaluate.intervals import binary_intervals, clustered_proportion, ppv_npv_at_prevalence
+from covidscan.evaluate.intervals import binary_intervals, clustered_auc, clustered_proportion, ppv_npv_at_prevalence
 from covidscan.evaluate.metrics import binary_metrics, multiclass_metrics
 from covidscan.evaluate.stats import bootstrap_ci, threshold_for
 
@@ -188,6 +188,16 @@ def subgroups(frame: pd.DataFrame, y: np.ndarray, score: np.ndarray, groups: np.
     return out
 
 
+def _multiclass_with_intervals(labels: np.ndarray, probs: np.ndarray, classes: list[str], groups: np.ndarray) -> dict[str, object]:
+    """Multi-class metrics, each class's one-vs-rest AUC with its 95 % CI (patients or split groups as clusters)."""
+    metrics = multiclass_metrics(labels, probs, classes)
+    per_class = metrics["per_class"]
+    assert isinstance(per_class, dict)
+    for index, name in enumerate(classes):
+        per_class[name]["auc_ci"] = clustered_auc(labels == index, probs[:, index], groups) if len(labels) else {}
+    return metrics
+
+
 def score_set(
     frame: pd.DataFrame, raw: np.ndarray, distances: np.ndarray, classes: list[str], card: dict[str, object],
     gate_threshold: float, cfg: EvaluateConfig, seed: int,
@@ -208,8 +218,10 @@ def score_set(
         "refused_by_class": {c: int((~accepted & (labels == i)).sum()) for i, c in enumerate(classes)},
     }
     if len(classes) > 2:
-        return {"n": len(labels), "class_counts": counts, "gate": gate, "metrics": multiclass_metrics(labels[accepted], calibrated[accepted], classes),
-                "all_images": {"n": len(labels), "metrics": multiclass_metrics(labels, calibrated, classes)}}
+        groups = _groups_for_ci(frame)[0]
+        return {"n": len(labels), "class_counts": counts, "gate": gate,
+                "metrics": _multiclass_with_intervals(labels[accepted], calibrated[accepted], classes, groups[accepted]),
+                "all_images": {"n": len(labels), "metrics": _multiclass_with_intervals(labels, calibrated, classes, groups)}}
     y = labels == 1
     kept = frame[accepted].reset_index(drop=True)
     result = score_block(kept, y[accepted], raw[accepted, 1], calibrated[accepted, 1], card, cfg, seed)
@@ -449,20 +461,24 @@ def evaluate_run(
             distances = predictor.gate_distances(gate_stats)
             with timer("metrics and intervals (bootstrap included)"):
                 result = score_set(part, raw, distances, classes, card, predictor.gate_threshold, cfg, seed)
+            calibrated = predictor.calibrated(raw)
             if len(classes) == 2:
                 y = np.array([str(v) == classes[1] for v in part["label"]])
-                score = predictor.calibrated(raw)[:, 1]
+                score = calibrated[:, 1]
                 if cfg.gallery_per_cell or cfg.plausibility_images:  # both 0 in a quick evaluation
                     with timer("heat maps and lung masks"):
                         result["explain"] = explain_set(predictor, images, y, score, part, cfg, run_dir / "heatmaps" / slug(name), seed)
-                columns = [c for c in ("path", "slice_index", "label", "patient_id", "group") if c in part.columns]
-                predictions = part[columns].copy()
-                predictions["p_" + classes[1]] = score
-                predictions["gate_distance"] = distances
-                predictions["accepted"] = distances <= predictor.gate_threshold
-                atomic.write_with(run_dir / "predictions" / f"{slug(name)}.csv", lambda tmp: predictions.to_csv(tmp, index=False))
-                if name == IN_DOMAIN:
-                    atomic.write_with(run_dir / "test_predictions.csv", lambda tmp: predictions.to_csv(tmp, index=False))
+            # every class's probability (binary: the positive class's), for pooled and per-class analyses
+            columns = [c for c in ("path", "slice_index", "label", "patient_id", "group") if c in part.columns]
+            predictions = part[columns].copy()
+            for index, name_of_class in enumerate(classes):
+                if len(classes) > 2 or index == 1:
+                    predictions["p_" + name_of_class] = calibrated[:, index]
+            predictions["gate_distance"] = distances
+            predictions["accepted"] = distances <= predictor.gate_threshold
+            atomic.write_with(run_dir / "predictions" / f"{slug(name)}.csv", lambda tmp: predictions.to_csv(tmp, index=False))
+            if name == IN_DOMAIN:
+                atomic.write_with(run_dir / "test_predictions.csv", lambda tmp: predictions.to_csv(tmp, index=False))
             result["kind"] = "in-domain" if name == IN_DOMAIN else "external"
             result["sources"] = sorted(part["source"].astype(str).unique()) if "source" in part.columns else []
             if name != IN_DOMAIN:

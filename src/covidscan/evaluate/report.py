@@ -270,10 +270,15 @@ def _set_section(name: str, result: dict[str, object], classes: list[str], run_d
     head = (f'<section id="set-{index}" class="{"external" if kind == "external" else ""}"><h3>{_e(name)} '
             f'<small>({_e(kind)}; sources: {_e(", ".join(result.get("sources", [])))})</small></h3>')  # type: ignore[arg-type]
     if "per_class" in m:
-        rows = "".join(f"<tr><td>{_e(c)}</td>" + "".join(f"<td>{_fmt(v[k])}</td>" for k in ("precision", "sensitivity", "specificity", "f1", "auc")) + "</tr>"
-                       for c, v in m["per_class"].items())
-        return (head + f"<p>Accuracy {_fmt(m['accuracy'])}, macro F1 {_fmt(m['macro_f1'])}, weighted F1 {_fmt(m['weighted_f1'])}, kappa {_fmt(m['kappa'])}.</p>"
-                "<table><tr><th>Class (one vs rest)</th><th>Precision</th><th>Sensitivity</th><th>Specificity</th><th>F1</th><th>AUC</th></tr>"
+        def auc(v: dict) -> str:
+            ci = v.get("auc_ci") or {}
+            return f"{_fmt(v['auc'])} [{_fmt(ci['low'])}–{_fmt(ci['high'])}]" if ci.get("low") is not None else _fmt(v["auc"])
+
+        rows = "".join(f"<tr><td>{_e(c)}</td>" + "".join(f"<td>{_fmt(v[k])}</td>" for k in ("precision", "sensitivity", "specificity", "f1"))
+                       + f"<td>{auc(v)}</td></tr>" for c, v in m["per_class"].items())
+        return (head + _gate_html(result) + f"<p>Accuracy {_fmt(m['accuracy'])}, macro F1 {_fmt(m['macro_f1'])}, weighted F1 {_fmt(m['weighted_f1'])}, "
+                f"kappa {_fmt(m['kappa'])} (decision: the most probable class; images the gate accepts).</p>"
+                "<table><tr><th>Class (one vs rest)</th><th>Precision</th><th>Sensitivity</th><th>Specificity</th><th>F1</th><th>AUC [95 % CI]</th></tr>"
                 f"{rows}</table></section>")
     negative, positive = classes[0], classes[-1]
     parts = [head, _gate_html(result), _duplicates_html(result.get("training_duplicates")), _accepted_vs_all(result)]

@@ -1,6 +1,11 @@
-"""REST API and web page over an exported bundle (FastAPI + ONNX Runtime; torch is never imported).
+"""REST API and web page over exported bundles (FastAPI + ONNX Runtime; torch is never imported).
 
-Routes: GET / (the page), GET /api/v1/health, GET /api/v1/model, POST /api/v1/predict,
+Several bundles (a CT model and a chest X-ray model) can be served at once; each upload is answered by one of them,
+chosen by its DICOM Modality tag or, for plain images, by the bundles' input gates (serve/router.py), and every
+answer names the model that gave it.
+
+Routes: GET / (the page), GET /api/v1/health, GET /api/v1/model (the first bundle), GET /api/v1/models (all),
+POST /api/v1/predict,
 GET /api/v1/studies/{id}/slices/{n}.png and .../heatmaps/{n}.png (the viewer's images of a study
 analysed in the last half hour), OpenAPI docs at /docs (Swagger UI served from the package, no CDN). Every error
 is JSON {error, detail} with a 4xx status; uploads stay in memory and are never
@@ -44,7 +49,8 @@ from covidscan.data.io import ImageReadError, iter_image_bytes, sniff_kind
 from covidscan.serve import DEFAULT_MAX_UPLOAD_MB
 from covidscan.explain.overlay import colorize, png_bytes
 from covidscan.serve.predictor import EnsembleBundle, Bundle, SliceResult, load_bundle
-from covidscan.data.study import is_zip
+from covidscan.data.study import is_zip, plan_files, read_header
+from covidscan.serve.router import MODALITY_NAMES, NoModelForModality, Router, ServedBundle, bundle_name
 from covidscan.serve.study_view import StudyAnalysis, StudyView, StudyViews, analyse_study, expand_uploads
 
 log = logging.getLogger("covidscan.serve")
@@ -84,6 +90,18 @@ class SliceOut(BaseModel):
     member_probabilities: dict[str, float] | None = Field(None, description="Ensembles: each member network's probability of the positive class.")
 
 
+class ModelRef(BaseModel):
+    name: str = Field(description="The served model that answered (its bundle folder's name).")
+    modality: str = Field(description="What it was trained on: CT, CXR (chest X-ray) or '' (not recorded).")
+    version: str
+    classes: list[str]
+    positive_class: str
+    threshold: float
+    routed_by: str = Field(description="Why this model answered: the only model served, the DICOM Modality tag, a NIfTI volume (CT), "
+                                       "the input gates (the model whose gate accepted the image, closest to its training images), "
+                                       "or the study's first file.")
+
+
 class StudyOut(BaseModel):
     label: str
     probability: float = Field(description="Study probability of the positive class by the model card's rule (accepted slices only).")
@@ -108,6 +126,7 @@ class ViewerOut(BaseModel):
 class FileOut(BaseModel):
     file: str = Field(description="Upload position and the name as given (never used as a path).")
     kind: str
+    model: ModelRef | None = Field(None, description="The model that answered this file.")
     slices: list[SliceOut]
     study: StudyOut | None = None
     error: ErrorBody | None = Field(None, description="Why this file gave no result (the other files' results stand).")
@@ -115,6 +134,7 @@ class FileOut(BaseModel):
 
 class PredictOut(BaseModel):
     decision_support: str
+    model: str = Field(description="Name of the model that answered the first file (each file names its own: results[].model).")
     model_version: str
     threshold: float
     positive_class: str
@@ -205,6 +225,12 @@ def _heat_rgba(heat: np.ndarray) -> np.ndarray:
     return np.concatenate([rgb, alpha], axis=2)
 
 
+def _model_ref(served: ServedBundle, routed_by: str) -> ModelRef:
+    bundle = served.bundle
+    return ModelRef(name=served.name, modality=served.modality, version=bundle.version, classes=bundle.classes,
+                    positive_class=bundle.classes[-1], threshold=bundle.threshold, routed_by=routed_by)
+
+
 def _study(results: list[SliceResult], bundle: Bundle | EnsembleBundle) -> StudyOut:
     """The model card's study rule (chosen on validation patients, the one the report evaluates)."""
     from covidscan.decision import rule_name
@@ -224,10 +250,19 @@ def _images(data: bytes, name: str) -> tuple[str, Iterator[np.ndarray]]:
     return kind, (image.pixels for image in iter_image_bytes(data, name))
 
 
-def _gate_refusal(name: str, distance: float, threshold: float) -> ApiError:
+def _gate_refusal(name: str, distance: float, served: ServedBundle, several: bool) -> ApiError:
+    what = "any served model's training images; the closest was " if several else ""
     return ApiError(422, "unlike the training data", (
-        f"{name}: this image is unlike the chest CT slices the model was trained on "
-        f"(distance {distance:.1f} > {threshold:.1f}); no prediction is given"))
+        f"{name}: this image is unlike {what}the {served.images_noun()} the model {served.name} was trained on "
+        f"(distance {distance:.1f} > {served.bundle.gate_threshold:.1f}); no prediction is given"))
+
+
+def _dicom_modality(data: bytes, name: str) -> str:
+    """The Modality family of a DICOM upload ('' when the header cannot tell; decoding reports real damage later)."""
+    try:
+        return read_header(data, name).modality
+    except ImageReadError:
+        return ""
 
 
 def _swagger_assets() -> Path | None:
@@ -241,7 +276,7 @@ def _swagger_assets() -> Path | None:
 
 
 def create_app(
-    bundle_dir: str | Path,
+    bundle_dirs: str | Path | list[str] | list[Path],
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
     api_key: str | None = None,
     cors_origins: list[str] | None = None,
@@ -249,18 +284,23 @@ def create_app(
     concurrency: int = DEFAULT_CONCURRENCY,
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
 ) -> FastAPI:
-    """The service for one bundle. CORS stays off unless origins are given."""
-    bundle = load_bundle(bundle_dir, threads=threads)
-    bundle.warm_up()
+    """The service for one bundle or several (one per modality; serve/router.py). CORS stays off unless origins are given."""
+    folders = [bundle_dirs] if isinstance(bundle_dirs, (str, Path)) else list(bundle_dirs)
+    router = Router([(bundle_name(folder), load_bundle(folder, threads=threads)) for folder in folders])
+    for served in router.served:
+        served.bundle.warm_up()
+    bundle = router.default.bundle
+    several = len(router.served) > 1
+    modalities = " and ".join(dict.fromkeys(MODALITY_NAMES[s.modality] for s in router.served if s.modality)) or "chest images"
     app = FastAPI(
         title="covidscan",
         version=bundle.version,
-        description=f"COVID-19 on chest CT: probabilities and heat maps. {DISCLAIMER}",
+        description=f"COVID-19 on {modalities}: probabilities and heat maps. {DISCLAIMER}",
         docs_url=None,
         redoc_url=None,
     )
     busy = threading.BoundedSemaphore(max(1, concurrency))  # a thread lock: works whatever event loop calls us
-    app.state.bundle = bundle
+    app.state.bundle, app.state.router = bundle, router
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -305,31 +345,52 @@ def create_app(
             raise ApiError(404, "not found", f"no documentation asset {name!r}")
         return FileResponse(swagger / name)
 
-    def analyse_file(data: bytes, name: str, heatmap: bool, budget: int) -> tuple[str, list[SliceResult]]:
-        """Decode, resize as each slice arrives (one full-size slice in memory at a time), analyse. In a worker thread."""
+    def candidates(kind: str, modality: str, name: str) -> tuple[list[ServedBundle], str]:
+        try:
+            return router.candidates(kind, modality, name)
+        except NoModelForModality as exc:
+            raise ApiError(422, "no model for this modality", str(exc)) from None
+
+    def analyse_file(data: bytes, name: str, heatmap: bool, budget: int,
+                     study_model: ServedBundle | None) -> tuple[str, list[SliceResult], ServedBundle, str]:
+        """Decode, choose the model (router), resize as each slice arrives, analyse. In a worker thread.
+        One candidate: one full-size slice in memory at a time; several: the file's slices are decoded once and each
+        candidate analyses them (plain images only, where the gates decide)."""
         with busy:
             kind, images = _images(data, name)
-            prepared = []
+            if study_model is not None:
+                chosen, routed_by = [study_model], "the study's first file"
+            else:
+                chosen, routed_by = candidates(kind, _dicom_modality(data, name) if kind == "dicom" else "", name)
+            decoded: list[np.ndarray] = []
             try:
                 for pixels in images:
-                    if len(prepared) >= budget:
+                    if len(decoded) >= budget:
                         raise ApiError(413, "too many slices", f"{name}: more than {MAX_SLICES_PER_REQUEST} slices in one request")
-                    prepared.append(bundle.prepare(pixels))
+                    decoded.append(chosen[0].bundle.prepare(pixels) if len(chosen) == 1 else pixels)
             except ImageReadError as exc:
                 raise ApiError(422, "unreadable image", str(exc)) from None
-            return kind, bundle.analyse(prepared, heatmap, heatmap_top=HEATMAP_SLICES)
+            answers = [(served, served.bundle.analyse(decoded, heatmap, heatmap_top=HEATMAP_SLICES)) for served in chosen]
+            served, results = Router.closest(answers)
+            return kind, results, served, routed_by
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
         return HTMLResponse((resources.files("covidscan.serve") / "static" / "index.html").read_text(encoding="utf-8"))
 
     @app.get(f"{API}/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok", "model_version": bundle.version}
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "model_version": bundle.version, "models": {s.name: s.bundle.version for s in router.served}}
 
     @app.get(f"{API}/model", responses=errors)
     def model(request: Request) -> dict[str, Any]:
-        return bundle.describe()
+        """The first served model's card (the only one, usually)."""
+        return router.default.describe()
+
+    @app.get(f"{API}/models", responses=errors)
+    def models(request: Request) -> list[dict[str, Any]]:
+        """Every served model's card, with its name and the modality uploads are routed to it by."""
+        return [served.describe() for served in router.served]
 
     @app.post(f"{API}/predict", response_model=PredictOut, responses=errors)
     async def predict(
@@ -358,10 +419,13 @@ def create_app(
         out_files: list[FileOut] = []
         all_results: list[SliceResult] = []
         failures: list[ApiError] = []
+        lead: ServedBundle | None = None  # the model of the first answered file (a study's every file goes to it)
         for name, data in named:
             try:
-                kind, results = await run_in_threadpool(analyse_file, data, name, heatmap, MAX_SLICES_PER_REQUEST - len(all_results))
-                out_files.append(_file_out(name, kind, results, heatmap, in_study=study))
+                kind, results, served, routed_by = await run_in_threadpool(
+                    analyse_file, data, name, heatmap, MAX_SLICES_PER_REQUEST - len(all_results), lead if study else None)
+                out_files.append(_file_out(name, kind, results, heatmap, served, routed_by, in_study=study))
+                lead = lead or served
                 all_results += results
             except ApiError as exc:
                 failures.append(exc)
@@ -374,27 +438,35 @@ def create_app(
                            " | ".join(f.detail for f in failures)[:2000])
         total_ms = (time.perf_counter() - started) * 1000
         log.info("predict: %d file(s), %d slice(s), %d refused file(s), %.1f ms", len(files), len(all_results), len(failures), total_ms)
+        lead = lead or router.default
         return PredictOut(
-            decision_support=DISCLAIMER, model_version=bundle.version, threshold=bundle.threshold,
-            positive_class=bundle.classes[-1], results=out_files,
-            study=_study(all_results, bundle) if study and len(all_results) > 1 else None,
+            decision_support=DISCLAIMER, model=lead.name, model_version=lead.bundle.version, threshold=lead.bundle.threshold,
+            positive_class=lead.bundle.classes[-1], results=out_files,
+            study=_study(all_results, lead.bundle) if study and len(all_results) > 1 else None,
             timing_ms={"total": round(total_ms, 2)},
         )
 
-    def analyse_dicom_study(named: list[tuple[str, bytes]]) -> StudyAnalysis:
+    def analyse_dicom_study(named: list[tuple[str, bytes]]) -> tuple[StudyAnalysis, ServedBundle, str]:
+        """Plan the series, pick the model by its Modality tag (or the gates), analyse every slice."""
         with busy:
             try:
-                return analyse_study(bundle, named, MAX_SLICES_PER_REQUEST)
+                plan = plan_files(named)
+                modality = next((header.modality for header in plan.slices if header.modality), "")
+                chosen, routed_by = candidates("dicom", modality, "the study")
+                answers = [(served, analyse_study(served.bundle, named, MAX_SLICES_PER_REQUEST, plan)) for served in chosen]
             except ImageReadError as exc:
                 raise ApiError(422, "no usable slice", str(exc)) from None
+            served, _ = Router.closest([(served, analysis.results) for served, analysis in answers])
+            return next(analysis for s, analysis in answers if s is served), served, routed_by
 
-    def _study_answer(analysis: StudyAnalysis, started: float) -> PredictOut:
+    def _study_answer(answer: tuple[StudyAnalysis, ServedBundle, str], started: float) -> PredictOut:
         """One series: every slice in body order (numbers from 1), the study answer, and the viewer's links."""
+        analysis, served, routed_by = answer
         results = analysis.results
         slices = [SliceOut(index=i, number=i + 1, source=source, label=r.label, probabilities=r.probabilities, in_distribution=r.in_distribution,
                            gate_distance=r.gate_distance, member_probabilities=r.members)
                   for i, (r, source) in enumerate(zip(results, analysis.sources))]
-        summary = _study(results, bundle)
+        summary = _study(results, served.bundle)
         summary.order, summary.series, summary.study_hash = analysis.plan.order, analysis.plan.series_rule, analysis.study_hash
         summary.skipped = [ErrorBody(error=source, detail=reason) for source, reason in analysis.skipped]
         study_id = views.add(analysis.view)
@@ -402,9 +474,11 @@ def create_app(
                            slice_url=f"{API}/studies/{study_id}/slices/{{n}}.png", heatmap_url=f"{API}/studies/{study_id}/heatmaps/{{n}}.png")
         total_ms = (time.perf_counter() - started) * 1000
         log.info("predict: DICOM study, %d slice(s) analysed, %d file(s) skipped, %.1f ms", len(results), len(analysis.skipped), total_ms)
+        model = served.bundle
         return PredictOut(
-            decision_support=DISCLAIMER, model_version=bundle.version, threshold=bundle.threshold, positive_class=bundle.classes[-1],
-            results=[FileOut(file=f"DICOM series ({analysis.plan.describe()})", kind="dicom-series", slices=slices, study=summary)],
+            decision_support=DISCLAIMER, model=served.name, model_version=model.version, threshold=model.threshold, positive_class=model.classes[-1],
+            results=[FileOut(file=f"DICOM series ({analysis.plan.describe()})", kind="dicom-series", model=_model_ref(served, routed_by),
+                             slices=slices, study=summary)],
             study=summary, viewer=viewer, timing_ms={"total": round(total_ms, 2)},
         )
 
@@ -430,13 +504,14 @@ def create_app(
         except KeyError as exc:
             raise ApiError(404, "slice not found", str(exc.args[0])) from None
 
-    def _file_out(name: str, kind: str, results: list[SliceResult], heatmap: bool, in_study: bool = False) -> FileOut:
+    def _file_out(name: str, kind: str, results: list[SliceResult], heatmap: bool, served: ServedBundle, routed_by: str,
+                  in_study: bool = False) -> FileOut:
         """One file's slices; a refused single image is an error unless it is one slice of a study (then it is marked)."""
         volume = len(results) > 1
         if not results:
             raise ApiError(422, "unreadable image", f"{name}: the file holds no image")
         if not volume and not in_study and not results[0].in_distribution:
-            raise _gate_refusal(name, results[0].gate_distance, bundle.gate_threshold)
+            raise _gate_refusal(name, results[0].gate_distance, served, several and routed_by == "input gates")
         shown = {i for i, r in enumerate(results) if r.heatmap is not None}  # the most suspicious slices (Bundle.analyse)
         slices = [
             SliceOut(
@@ -447,9 +522,10 @@ def create_app(
             )
             for i, r in enumerate(results)
         ]
-        file_study = _study(results, bundle) if volume else None
+        file_study = _study(results, served.bundle) if volume else None
         if file_study is not None and file_study.slices_used == 0:
-            raise ApiError(422, "unlike the training data", f"{name}: none of its {len(results)} slices is like the chest CT slices the model was trained on")
-        return FileOut(file=name, kind=kind, slices=slices, study=file_study)
+            raise ApiError(422, "unlike the training data",
+                           f"{name}: none of its {len(results)} slices is like the {served.images_noun()} the model {served.name} was trained on")
+        return FileOut(file=name, kind=kind, model=_model_ref(served, routed_by), slices=slices, study=file_study)
 
     return app

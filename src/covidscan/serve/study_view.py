@@ -142,9 +142,9 @@ class StudyAnalysis:
     study_hash: str  # SHA-256 over the analysed files' own hashes, in order: names the study without a patient field
 
 
-def analyse_study(bundle: Bundle | EnsembleBundle, named: list[tuple[str, bytes]], max_slices: int) -> StudyAnalysis:
-    """Plan, decode in order, analyse (heat maps for every slice). Raises ImageReadError when no slice is usable."""
-    plan = plan_files(named)
+def analyse_study(bundle: Bundle | EnsembleBundle, named: list[tuple[str, bytes]], max_slices: int, plan: StudyPlan | None = None) -> StudyAnalysis:
+    """Plan (unless planned), decode in order, analyse (heat maps for every slice). Raises ImageReadError when no slice is usable."""
+    plan = plan or plan_files(named)
     data = dict(named)
     method = bundle.model_card.preprocess
     prepared, sources, hu, gray, seen_boxes = [], [], [], [], []

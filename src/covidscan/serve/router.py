@@ -1,0 +1,104 @@
+"""Which served model answers an upload, when one service holds several bundles (a CT model, an X-ray model).
+
+The rule, in order:
+1. one bundle: it answers everything (its gate still refuses what is unlike its training images);
+2. a DICOM file: its Modality tag (CT; CR or DX = chest X-ray) picks the bundle trained on that modality;
+   a NIfTI volume is CT; no bundle for that modality is a clear 422, never a guess by another model;
+3. anything else (PNG, JPEG, ...): every candidate's input gate measures the image, and the bundle whose gate
+   accepts it, closest to its training images (distance / the gate's threshold), answers.
+A bundle's modality comes from its model card (`training_data.modality`, recorded at training time from the
+manifest); a bundle with none recorded takes part in step 3 only, and in step 2 only when no bundle has the modality.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from covidscan.errors import CovidscanError
+from covidscan.serve.predictor import Bundle, EnsembleBundle, SliceResult
+
+MODALITY_NAMES = {"CT": "chest CT", "CXR": "chest X-ray", "": "unknown modality"}
+BY_TAG, BY_VOLUME, BY_GATE, ONLY = "DICOM Modality tag", "NIfTI volume (CT)", "input gates", "the only model served"
+
+
+@dataclass(frozen=True)
+class ServedBundle:
+    """One bundle behind the service, with the name the answers and the page show."""
+
+    name: str
+    bundle: Bundle | EnsembleBundle
+
+    @property
+    def modality(self) -> str:
+        return self.bundle.modality
+
+    def images_noun(self) -> str:
+        """'chest CT slices' / 'chest X-rays' / 'images': what the gate's refusal says the model was trained on."""
+        return {"CT": "chest CT slices", "CXR": "chest X-rays"}.get(self.modality, "images")
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, "modality": self.modality, "modality_name": MODALITY_NAMES[self.modality], **self.bundle.describe()}
+
+
+class NoModelForModality(CovidscanError):
+    """A DICOM (or NIfTI) upload of a modality no served bundle was trained on."""
+
+
+class Router:
+    """The served bundles and the rule that picks one per upload (module docstring)."""
+
+    def __init__(self, bundles: list[tuple[str, Bundle | EnsembleBundle]]) -> None:
+        if not bundles:
+            raise CovidscanError("no bundle to serve")
+        self.served: list[ServedBundle] = []
+        for name, bundle in bundles:
+            taken = {s.name for s in self.served}
+            unique, n = name, 2
+            while unique in taken:
+                unique, n = f"{name}-{n}", n + 1
+            self.served.append(ServedBundle(unique, bundle))
+        by_modality: dict[str, str] = {}
+        for served in self.served:
+            if served.modality and served.modality in by_modality:
+                raise CovidscanError(f"two bundles were trained on {MODALITY_NAMES[served.modality]}: {by_modality[served.modality]} and "
+                                     f"{served.name}; serve one model per modality (an ensemble combines networks: `covidscan ensemble`)")
+            by_modality[served.modality] = served.name
+
+    @property
+    def default(self) -> ServedBundle:
+        return self.served[0]
+
+    def get(self, name: str) -> ServedBundle:
+        return next(s for s in self.served if s.name == name)
+
+    def candidates(self, kind: str, modality: str, where: str) -> tuple[list[ServedBundle], str]:
+        """The bundles that may answer an upload of `kind` ('dicom', 'nifti', 'raster') whose DICOM Modality family is
+        `modality` ('CT', 'CXR', '' unknown), and how they were chosen. Raises NoModelForModality naming `where`
+        (also with one bundle: a chest X-ray DICOM sent to a CT model is refused by name, not left to the gate)."""
+        wanted, how = (modality, BY_TAG) if kind == "dicom" and modality else ("CT", BY_VOLUME) if kind == "nifti" else ("", BY_GATE)
+        if not wanted:
+            return list(self.served), ONLY if len(self.served) == 1 else BY_GATE
+        matching = [s for s in self.served if s.modality == wanted] or [s for s in self.served if not s.modality]
+        if not matching:
+            offered = ", ".join(f"{s.name} ({MODALITY_NAMES[s.modality]})" for s in self.served)
+            raise NoModelForModality(f"{where}: a {MODALITY_NAMES[wanted]} image, and no model served here was trained on that modality "
+                                     f"(served: {offered}); no prediction is given")
+        return matching, ONLY if len(self.served) == 1 else how
+
+    @staticmethod
+    def closest(answers: list[tuple[ServedBundle, list[SliceResult]]]) -> tuple[ServedBundle, list[SliceResult]]:
+        """Of several bundles' answers to the same images: the one whose gate accepted most of them, then the one
+        closest to its training images (mean distance / the gate's threshold)."""
+        def rank(answer: tuple[ServedBundle, list[SliceResult]]) -> tuple[int, float]:
+            served, results = answer
+            threshold = served.bundle.gate_threshold
+            ratio = sum(r.gate_distance for r in results) / max(len(results), 1) / threshold if threshold > 0 else 0.0
+            return -sum(r.in_distribution for r in results), ratio
+
+        return min(answers, key=rank)
+
+
+def bundle_name(folder: str | Path) -> str:
+    """A served bundle's name: its folder's name ('bundle' inside a run folder: the run's name)."""
+    path = Path(folder).resolve()
+    return path.parent.name if path.name == "bundle" and path.parent.name else path.name

@@ -1,0 +1,117 @@
+"""Several bundles behind one service: each upload answered by the model of its modality, and named in the answer."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from dicom_helpers import write_dicom
+
+
+def _copy(bundle: Path, folder: Path, modality: str, refuse_everything: bool = False) -> Path:
+    """The tiny bundle under another name, its card saying which modality it was trained on; `refuse_everything`
+    shrinks its gate threshold so that its gate refuses every image (the other bundle's gate must then win)."""
+    shutil.copytree(bundle, folder)
+    card = json.loads((folder / "model.json").read_text())
+    card["training_data"]["modality"] = modality
+    if refuse_everything:
+        card["gate"]["threshold"] = 1e-6
+    (folder / "model.json").write_text(json.dumps(card))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bundles(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("served")
+    return {
+        "ct": _copy(tiny_bundle, root / "ct", "CT"),
+        "cxr": _copy(tiny_bundle, root / "cxr", "CXR"),
+        "ct-blind": _copy(tiny_bundle, root / "ct-blind", "CT", refuse_everything=True),
+        "cxr-blind": _copy(tiny_bundle, root / "cxr-blind", "CXR", refuse_everything=True),
+    }
+
+
+def _slice_png(tiny_run: Path) -> bytes:
+    frame = pd.read_csv(tiny_run / "manifest.csv", keep_default_na=False)
+    path = frame.loc[frame["split"] == "test", "path"].iloc[0]
+    out = io.BytesIO()
+    Image.open(path).convert("L").save(out, "PNG")
+    return out.getvalue()
+
+
+def _dicom(tiny_run: Path, folder: Path, modality: str) -> bytes:
+    gray = np.asarray(Image.open(io.BytesIO(_slice_png(tiny_run))), np.float32)
+    return write_dicom(folder / f"{modality}.dcm", np.round(-1350.0 + gray / 255.0 * 1500.0 + 1024), modality=modality).read_bytes()
+
+
+def _post(client: TestClient, name: str, data: bytes) -> dict:
+    response = client.post("/api/v1/predict", files=[("files", (name, data, "application/octet-stream"))])
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_dicom_goes_to_the_model_of_its_modality_tag_and_the_answer_names_it(bundles: dict[str, Path], tiny_run: Path, tmp_path: Path) -> None:
+    from covidscan.serve.app import create_app
+
+    client = TestClient(create_app([bundles["ct"], bundles["cxr"]]))
+    listed = client.get("/api/v1/models").json()
+    assert [(m["name"], m["modality"]) for m in listed] == [("ct", "CT"), ("cxr", "CXR")]
+    assert all("not a diagnosis" in m["intended_use"] for m in listed)
+    assert client.get("/api/v1/health").json()["models"].keys() == {"ct", "cxr"}
+    for tag, expected in (("CT", "ct"), ("DX", "cxr"), ("CR", "cxr")):
+        body = _post(client, f"slice-{tag}.dcm", _dicom(tiny_run, tmp_path, tag))
+        model = body["results"][0]["model"]
+        assert (model["name"], model["routed_by"]) == (expected, "DICOM Modality tag") and body["model"] == expected
+        assert set(body["results"][0]["slices"][0]["probabilities"]) == set(model["classes"])
+
+
+def test_plain_images_go_to_the_model_whose_gate_accepts_them(bundles: dict[str, Path], tiny_run: Path) -> None:
+    from covidscan.serve.app import create_app
+
+    png = _slice_png(tiny_run)
+    for served, expected in (([bundles["ct"], bundles["cxr-blind"]], "ct"), ([bundles["ct-blind"], bundles["cxr"]], "cxr")):
+        body = _post(TestClient(create_app(served)), "slice.png", png)
+        assert body["results"][0]["model"]["name"] == expected and body["results"][0]["model"]["routed_by"] == "input gates"
+    # both gates refuse: the refusal names the closest model; no prediction
+    response = TestClient(create_app([bundles["ct-blind"], bundles["cxr-blind"]])).post(
+        "/api/v1/predict", files=[("files", ("slice.png", png, "image/png"))])
+    assert response.status_code == 422 and "any served model" in response.json()["detail"] and "slice.png" in response.json()["detail"]
+
+
+def test_a_modality_no_served_model_knows_is_refused_by_name(bundles: dict[str, Path], tiny_run: Path, tmp_path: Path) -> None:
+    from covidscan.serve.app import create_app
+
+    client = TestClient(create_app(bundles["ct"]))
+    response = client.post("/api/v1/predict", files=[("files", ("xray.dcm", _dicom(tiny_run, tmp_path, "DX"), "application/dicom"))])
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert "xray.dcm" in detail and "chest X-ray" in detail and "ct (chest CT)" in detail and "no prediction" in detail
+    # one file of a mixed request: the other file's result stands
+    both = client.post("/api/v1/predict", files=[("files", ("xray.dcm", _dicom(tiny_run, tmp_path, "DX"), "application/dicom")),
+                                                 ("files", ("ct.dcm", _dicom(tiny_run, tmp_path, "CT"), "application/dicom"))])
+    assert both.status_code == 200
+    results = both.json()["results"]
+    assert results[0]["error"]["error"] == "no model for this modality" and results[1]["model"]["name"] == "ct"
+
+
+def test_two_models_of_one_modality_are_refused_at_start(bundles: dict[str, Path]) -> None:
+    from covidscan.errors import CovidscanError
+    from covidscan.serve.app import create_app
+
+    with pytest.raises(CovidscanError, match="two bundles were trained on chest CT: ct and ct-blind"):
+        create_app([bundles["ct"], bundles["ct-blind"]])
+
+
+def test_training_records_the_manifest_modality() -> None:
+    from covidscan.pipeline import training_modality
+
+    assert training_modality(pd.DataFrame({"modality": ["CXR", "CXR"]})) == "CXR"
+    assert training_modality(pd.DataFrame({"modality": ["CT", "CXR"]})) == ""  # mixed: unknown, routed by the gates only
+    assert training_modality(pd.DataFrame({"path": ["a.png"]})) == ""
