@@ -21,6 +21,8 @@ VARIANTS = {
     "lung crop": ["data.preprocess=lung_crop"],
     "CLAHE": ["data.preprocess=clahe"],
     "lung crop + CLAHE": ["data.preprocess=lung_crop+clahe"],
+    "histogram equalisation": ["data.preprocess=histeq"],
+    "lung z-score": ["data.preprocess=lung_zscore"],
 }
 COVIDSCAN = str(Path(sys.executable).with_name("covidscan"))
 

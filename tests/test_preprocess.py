@@ -49,6 +49,19 @@ def test_clahe_evens_out_a_washed_out_window(tiny_phantom: Path) -> None:
         prepare_image(slice_, 64, "sharpen")
 
 
+@pytest.mark.parametrize("method", ["histeq", "lung_zscore"])
+def test_intensity_standardisation_maps_two_exposures_of_one_slice_to_about_one_image(tiny_phantom: Path, method: str) -> None:
+    """Histogram equalisation and the lung z-score undo a source's window: a dark, flat export and a bright, washed-out
+    one of the same slice become about the same input (a plain resize keeps them far apart)."""
+    slice_ = _slice(tiny_phantom)
+    dark, washed = 0.1 + 0.3 * slice_, 0.55 + 0.25 * slice_
+    plain = np.abs(prepare_image(dark, 64).astype(float) - prepare_image(washed, 64).astype(float)).mean()
+    a, b = prepare_image(dark, 64, method), prepare_image(washed, 64, method)
+    assert a.dtype == np.uint8 and a.shape == (64, 64)
+    assert np.abs(a.astype(float) - b.astype(float)).mean() < 0.2 * plain
+    assert _corr(a, b) > 0.95 and a.std() > 20  # the anatomy stays, with contrast
+
+
 def test_preprocessing_is_recorded_and_the_service_prepares_images_as_training_did(tiny_phantom: Path, tmp_path: Path) -> None:
     from covidscan.config import load_config
     from covidscan.data.sources import index_folder

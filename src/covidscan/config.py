@@ -24,7 +24,7 @@ class DataConfig:
     image_size: int = 0  # 0: the backbone's registered input size
     labels: str = "binary"  # 'binary', 'auto' (folder names) or 'A,B,C'
     positive_class: str = "COVID"
-    preprocess: str = "none"  # none | lung_crop | clahe | lung_crop+clahe (data/preprocess.py; the same at serving time)
+    preprocess: str = "none"  # none | lung_crop | clahe | lung_crop+clahe | histeq | lung_zscore (data/preprocess.py; the same at serving time)
 
 
 @dataclass

@@ -7,14 +7,20 @@ Methods (`data.preprocess`, recorded in the model card):
   weigh less; an image without a plausible lung region is resized uncropped;
 - clahe: contrast-limited adaptive histogram equalisation after resizing, which
   evens out windowing and exposure differences between sources;
-- lung_crop+clahe: both.
+- lung_crop+clahe: both;
+- histeq: global histogram equalisation after resizing: every image's gray levels
+  matched to one fixed (uniform) histogram, whatever its source's exposure;
+- lung_zscore: intensities standardised by the mean and SD of the pixels inside the
+  lung mask (the whole image when no lung is found), then z in [-3, 3] mapped onto
+  [0, 1]: the lungs of every source get one brightness and contrast.
 Torch-free: the service imports it.
 """
 from __future__ import annotations
 
 import numpy as np
 
-PREPROCESSING = ("none", "lung_crop", "clahe", "lung_crop+clahe")
+PREPROCESSING = ("none", "lung_crop", "clahe", "lung_crop+clahe", "histeq", "lung_zscore")
+ZSCORE_RANGE = 3.0  # lung_zscore: z from -3 to 3 fills the 8-bit range
 MASK_SIZE = 160  # px: the lung mask is found on a small copy; the crop is cut from the full image
 CROP_MARGIN = 0.08  # of the box's side, on each side
 
@@ -85,4 +91,25 @@ def prepare_with_box(pixels: np.ndarray, size: int, method: str = "none") -> tup
         from skimage.exposure import equalize_adapthist
 
         image = np.clip(np.round(equalize_adapthist(image, kernel_size=max(8, size // 8), clip_limit=0.01) * 255.0), 0, 255).astype(np.uint8)
+    elif method == "histeq":
+        from skimage.exposure import equalize_hist
+
+        image = _to_uint8(equalize_hist(image, nbins=256))
+    elif method == "lung_zscore":
+        image = _to_uint8(lung_zscore(image))
     return image, seen
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(np.asarray(values, np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
+def lung_zscore(image: np.ndarray) -> np.ndarray:
+    """uint8 image -> float [0, 1]: (value - lung mean) / lung SD, from -ZSCORE_RANGE to +ZSCORE_RANGE."""
+    from covidscan.explain.lung_mask import lung_mask
+
+    values = image.astype(np.float32) / 255.0
+    mask = lung_mask(values)
+    inside = values[mask] if mask is not None and mask.sum() >= 64 else values.ravel()
+    z = (values - float(inside.mean())) / max(float(inside.std()), 1e-3)
+    return np.clip((z + ZSCORE_RANGE) / (2 * ZSCORE_RANGE), 0.0, 1.0)
