@@ -80,3 +80,31 @@ def test_send_to_is_checked() -> None:
     assert Destination.parse("10.0.0.5:104:PACS") == Destination("10.0.0.5", 104, "PACS")
     with pytest.raises(CovidscanError, match="HOST:PORT:AE_TITLE"):
         Destination.parse("pacs.local:abc")
+
+
+def test_a_study_of_a_modality_no_served_model_knows_gets_no_answer(
+    tiny_bundle: Path, tiny_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A chest X-ray (DX) study reaching a node that serves a CT model is logged and left unanswered, not scored."""
+    import json
+    import shutil
+
+    from pydicom import dcmread
+
+    from covidscan.serve.dicom_node import Destination, DicomListener, _PendingStudy
+
+    ct = tmp_path / "ct"
+    shutil.copytree(tiny_bundle, ct)
+    card = json.loads((ct / "model.json").read_text())
+    card["training_data"]["modality"] = "CT"
+    (ct / "model.json").write_text(json.dumps(card))
+    series = phantom_series(tiny_run, tmp_path / "s", 4, LOSSLESS_SYNTAXES["explicit"])
+    for path in series:
+        ds = dcmread(path)
+        ds.Modality = "DX"
+        ds.save_as(path)
+    listener = DicomListener([str(ct)], Destination("127.0.0.1", 9, "PACS"), port=0, host="127.0.0.1")  # never started: no network
+    caplog.set_level(logging.INFO)
+    listener._answer(_PendingStudy(files=[(p.name, p.read_bytes()) for p in series]))
+    assert listener.answered == []
+    assert "chest X-ray image, and no model served here was trained on that modality" in caplog.text and FAKE_PATIENT_ID not in caplog.text

@@ -115,3 +115,23 @@ def test_training_records_the_manifest_modality() -> None:
     assert training_modality(pd.DataFrame({"modality": ["CXR", "CXR"]})) == "CXR"
     assert training_modality(pd.DataFrame({"modality": ["CT", "CXR"]})) == ""  # mixed: unknown, routed by the gates only
     assert training_modality(pd.DataFrame({"path": ["a.png"]})) == ""
+
+
+def test_a_dicom_study_goes_wholly_to_the_model_of_its_modality(bundles: dict[str, Path], tiny_run: Path, tmp_path: Path) -> None:
+    from pydicom import dcmread
+
+    from covidscan.serve.app import create_app
+    from dicom_helpers import phantom_series
+
+    series = phantom_series(tiny_run, tmp_path / "s", 4)
+    client = TestClient(create_app([bundles["cxr"], bundles["ct"]]))  # the CT model is not the first one
+    response = client.post("/api/v1/predict?study=true", files=[("files", (p.name, p.read_bytes(), "application/dicom")) for p in series])
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "ct" and body["results"][0]["model"]["routed_by"] == "DICOM Modality tag" and body["viewer"]["slices"] == 4
+    for path in series:  # the same series as chest radiographs: the X-ray model answers
+        ds = dcmread(path)
+        ds.Modality = "CR"
+        ds.save_as(path)
+    response = client.post("/api/v1/predict?study=true", files=[("files", (p.name, p.read_bytes(), "application/dicom")) for p in series])
+    assert response.status_code == 200 and response.json()["model"] == "cxr"

@@ -531,7 +531,7 @@ def serve_command(
 
 @app.command("dicom-listen")
 def dicom_listen_command(
-    bundle: Annotated[Path, typer.Argument(help="Exported bundle folder (`covidscan export RUN`).")],
+    bundles: Annotated[list[Path], typer.Argument(help="Exported bundle folders (`covidscan export RUN`); several: one per modality.")],
     send_to: Annotated[str, typer.Option("--send-to", help="Where answers go: HOST:PORT:AE_TITLE of the PACS or viewer.")],
     port: Annotated[int, typer.Option(help="Port to listen on (DICOM's registered port is 104; 11112 needs no privileges).")] = 11112,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "0.0.0.0",
@@ -547,7 +547,7 @@ def dicom_listen_command(
     from covidscan.serve.dicom_node import Destination, DicomListener
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    listener = DicomListener(str(bundle), Destination.parse(send_to), port, host, ae_title, idle_seconds)
+    listener = DicomListener([str(b) for b in bundles], Destination.parse(send_to), port, host, ae_title, idle_seconds)
     listener.start()
     _log(f"{ae_title} listening on {host}:{listener.port}; answers to {send_to}. Ctrl-C stops. {DISCLAIMER}")
     stop = threading.Event()

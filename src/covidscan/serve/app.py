@@ -49,9 +49,9 @@ from covidscan.data.io import ImageReadError, iter_image_bytes, sniff_kind
 from covidscan.serve import DEFAULT_MAX_UPLOAD_MB
 from covidscan.explain.overlay import colorize, png_bytes
 from covidscan.serve.predictor import EnsembleBundle, Bundle, SliceResult, load_bundle
-from covidscan.data.study import is_zip, plan_files, read_header
+from covidscan.data.study import is_zip, read_header
 from covidscan.serve.router import MODALITY_NAMES, NoModelForModality, Router, ServedBundle, bundle_name
-from covidscan.serve.study_view import StudyAnalysis, StudyView, StudyViews, analyse_study, expand_uploads
+from covidscan.serve.study_view import StudyAnalysis, StudyView, StudyViews, analyse_routed_study, expand_uploads
 
 log = logging.getLogger("covidscan.serve")
 
@@ -447,17 +447,13 @@ def create_app(
         )
 
     def analyse_dicom_study(named: list[tuple[str, bytes]]) -> tuple[StudyAnalysis, ServedBundle, str]:
-        """Plan the series, pick the model by its Modality tag (or the gates), analyse every slice."""
         with busy:
             try:
-                plan = plan_files(named)
-                modality = next((header.modality for header in plan.slices if header.modality), "")
-                chosen, routed_by = candidates("dicom", modality, "the study")
-                answers = [(served, analyse_study(served.bundle, named, MAX_SLICES_PER_REQUEST, plan)) for served in chosen]
+                return analyse_routed_study(router, named, MAX_SLICES_PER_REQUEST)
             except ImageReadError as exc:
                 raise ApiError(422, "no usable slice", str(exc)) from None
-            served, _ = Router.closest([(served, analysis.results) for served, analysis in answers])
-            return next(analysis for s, analysis in answers if s is served), served, routed_by
+            except NoModelForModality as exc:
+                raise ApiError(422, "no model for this modality", str(exc)) from None
 
     def _study_answer(answer: tuple[StudyAnalysis, ServedBundle, str], started: float) -> PredictOut:
         """One series: every slice in body order (numbers from 1), the study answer, and the viewer's links."""

@@ -28,7 +28,8 @@ import numpy as np
 from covidscan import DISCLAIMER
 from covidscan.errors import CovidscanError, ImageReadError
 from covidscan.serve.predictor import Bundle, EnsembleBundle, load_bundle
-from covidscan.serve.study_view import StudyAnalysis, analyse_study
+from covidscan.serve.router import NoModelForModality, Router, bundle_name
+from covidscan.serve.study_view import StudyAnalysis, analyse_routed_study
 
 log = logging.getLogger("covidscan.dicom")
 
@@ -186,9 +187,11 @@ def send(datasets: list[object], destination: Destination, calling_ae: str) -> l
 class DicomListener:
     """Storage SCP + study completion + answer by C-STORE. `start()` returns at once; `stop()` ends it."""
 
-    def __init__(self, bundle_dir: str, destination: Destination, port: int = 11112, host: str = "0.0.0.0",
+    def __init__(self, bundle_dirs: str | list[str], destination: Destination, port: int = 11112, host: str = "0.0.0.0",
                  ae_title: str = "COVIDSCAN", idle_s: float = 10.0, max_slices: int = 1024) -> None:
-        self.bundle = load_bundle(bundle_dir)
+        """Several bundles: one per modality; each study goes to the model of its Modality tag (serve/router.py)."""
+        folders = [bundle_dirs] if isinstance(bundle_dirs, str) else list(bundle_dirs)
+        self.router = Router([(bundle_name(folder), load_bundle(folder)) for folder in folders])
         self.destination, self.port, self.host, self.ae_title, self.idle_s, self.max_slices = destination, port, host, ae_title, idle_s, max_slices
         self.pending: dict[str, _PendingStudy] = {}
         self.lock = threading.Lock()
@@ -244,12 +247,15 @@ class DicomListener:
     def _answer(self, study: _PendingStudy) -> None:
         started = time.perf_counter()
         try:
-            analysis = analyse_study(self.bundle, study.files, self.max_slices)
+            analysis, served, _ = analyse_routed_study(self.router, study.files, self.max_slices)
         except ImageReadError as exc:
             log.warning("study of %d instances not analysed: %s", len(study.files), exc.problem)
             return
-        lines = answer_lines(analysis, self.bundle)
-        reply = [structured_report(lines, study.identifiers), secondary_capture(analysis, self.bundle, lines, study.identifiers)]
+        except NoModelForModality as exc:
+            log.warning("study of %d instances not analysed: %s", len(study.files), exc)
+            return
+        lines = answer_lines(analysis, served.bundle)
+        reply = [structured_report(lines, study.identifiers), secondary_capture(analysis, served.bundle, lines, study.identifiers)]
         try:
             statuses = send(reply, self.destination, self.ae_title)
         except CovidscanError as exc:

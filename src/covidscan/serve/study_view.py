@@ -31,6 +31,7 @@ from covidscan.data.study import StudyPlan, is_zip, iter_study_images, plan_file
 from covidscan.errors import ImageReadError
 from covidscan.explain.overlay import colorize, png_bytes
 from covidscan.serve.predictor import Bundle, EnsembleBundle, SliceResult
+from covidscan.serve.router import Router, ServedBundle
 
 VIEW_SIZE = 256
 MAX_VIEWS = 4
@@ -171,3 +172,14 @@ def analyse_study(bundle: Bundle | EnsembleBundle, named: list[tuple[str, bytes]
         r.heatmap = None  # the view holds them; the JSON answer links to them instead of inlining 300 maps
     view = StudyView(hu=np.stack(hu) if keep_hu else None, gray=None if keep_hu else np.stack(gray), heat=heat, sources=sources)  # type: ignore[arg-type]
     return StudyAnalysis(plan, results, sources, view, skipped, digest.hexdigest())
+
+
+def analyse_routed_study(router: Router, named: list[tuple[str, bytes]], max_slices: int) -> tuple[StudyAnalysis, ServedBundle, str]:
+    """Plan the series, pick the model by its Modality tag (or, unknown, by the gates: the closest answer), analyse
+    every slice. Raises ImageReadError (no usable slice) or router.NoModelForModality."""
+    plan = plan_files(named)
+    modality = next((header.modality for header in plan.slices if header.modality), "")
+    chosen, routed_by = router.candidates("dicom", modality, "the study")
+    answers = [(served, analyse_study(served.bundle, named, max_slices, plan)) for served in chosen]
+    served, _ = Router.closest([(served, analysis.results) for served, analysis in answers])
+    return next(analysis for s, analysis in answers if s is served), served, routed_by
