@@ -55,10 +55,11 @@ def main() -> None:
     from fastapi.testclient import TestClient
 
     from covidscan.serve.app import create_app
+    from covidscan.serve.router import bundle_name
 
     ct, xray = bundle_of(args.ct), bundle_of(args.xray)
     client = TestClient(create_app([ct, xray]))
-    names = {str(ct.resolve().parent.name): "CT model", str(xray.resolve().parent.name): "X-ray model"}
+    names = {bundle_name(ct): "CT model", bundle_name(xray): "X-ray model"}
     ucsd = pd.read_csv(args.ucsd, keep_default_na=False)["path"].tolist() if args.ucsd.is_file() else []
     sets = {
         f"CT slices: {args.ct} test part": test_images(args.ct, args.per_set),

@@ -146,6 +146,7 @@ def test_a_pacs_export_of_compressed_extension_less_series_indexes_and_audits(tm
                             series_number=1, image_type="ORIGINAL\\PRIMARY\\LOCALIZER")
     frame = index_folder(tmp_path)
     assert len(frame) == 12 and not frame["path"].str.contains("scout").any()  # 4 patients x 3 slices, no scout
+    assert (frame["modality"] == "CT").all()  # from the Modality tag: a model trained on it is served as a CT model
     result = run_audit(frame, show=False)
     assert result.properties["readable"].all()
 

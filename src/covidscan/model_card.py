@@ -200,7 +200,8 @@ class CardFields:
     def modality(self) -> str:
         """'CT', 'CXR' or '' (unknown: trained on a manifest without one modality, or before it was recorded)."""
         data = self.model_card.raw.get("training_data") or {}
-        return str(data.get("modality", "")) if isinstance(data, dict) else ""
+        modality = str(data.get("modality", "")) if isinstance(data, dict) else ""
+        return modality if modality in ("CT", "CXR") else ""  # a hand-edited or future value routes as unknown
 
     def study(self, results: Sequence[Any]) -> tuple[str, float, int]:
         """(label, probability, slices used) of slices taken as one study: the card's rule over the accepted ones.

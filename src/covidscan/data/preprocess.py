@@ -90,7 +90,7 @@ def prepare_with_box(pixels: np.ndarray, size: int, method: str = "none") -> tup
     if "clahe" in method:
         from skimage.exposure import equalize_adapthist
 
-        image = np.clip(np.round(equalize_adapthist(image, kernel_size=max(8, size // 8), clip_limit=0.01) * 255.0), 0, 255).astype(np.uint8)
+        image = _to_uint8(equalize_adapthist(image, kernel_size=max(8, size // 8), clip_limit=0.01))
     elif method == "histeq":
         from skimage.exposure import equalize_hist
 
@@ -101,7 +101,7 @@ def prepare_with_box(pixels: np.ndarray, size: int, method: str = "none") -> tup
 
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(np.asarray(values, np.float32) * 255.0), 0, 255).astype(np.uint8)
+    return np.clip(np.round(np.asarray(values) * 255.0), 0, 255).astype(np.uint8)  # in the input precision, as before
 
 
 def lung_zscore(image: np.ndarray) -> np.ndarray:

@@ -45,12 +45,12 @@ from starlette.formparsers import MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from covidscan import DISCLAIMER
-from covidscan.data.io import ImageReadError, iter_image_bytes, sniff_kind
+from covidscan.data.io import ImageData, ImageReadError, iter_image_bytes, modality_family, sniff_kind
 from covidscan.serve import DEFAULT_MAX_UPLOAD_MB
 from covidscan.explain.overlay import colorize, png_bytes
 from covidscan.serve.predictor import EnsembleBundle, Bundle, SliceResult, load_bundle
-from covidscan.data.study import is_zip, read_header
-from covidscan.serve.router import MODALITY_NAMES, NoModelForModality, Router, ServedBundle, bundle_name
+from covidscan.data.study import is_zip
+from covidscan.serve.router import BY_GATE, BY_STUDY, MODALITY_NAMES, NoModelForModality, Router, ServedBundle, bundle_name
 from covidscan.serve.study_view import StudyAnalysis, StudyView, StudyViews, analyse_routed_study, expand_uploads
 
 log = logging.getLogger("covidscan.serve")
@@ -240,29 +240,21 @@ def _study(results: list[SliceResult], bundle: Bundle | EnsembleBundle) -> Study
                     rule=rule_name(bundle.study_rule), threshold=float(bundle.study_rule.get("threshold", 0.5)))  # type: ignore[arg-type]
 
 
-def _images(data: bytes, name: str) -> tuple[str, Iterator[np.ndarray]]:
-    """Uploaded bytes -> (kind, lazily decoded gray slices); 415 for unknown types, 422 for unreadable ones."""
+def _images(data: bytes, name: str) -> tuple[str, Iterator[ImageData]]:
+    """Uploaded bytes -> (kind, lazily decoded slices with what the file says of itself); 415 for unknown types."""
     if not data:
         raise ApiError(422, "empty file", f"{name}: file is empty (0 bytes)")
     kind = sniff_kind(data)
     if kind == "raster" and not data.startswith(_MAGIC):
         raise ApiError(415, "unsupported media type", f"{name}: not a PNG, JPEG, BMP, TIFF, DICOM or NIfTI file")
-    return kind, (image.pixels for image in iter_image_bytes(data, name))
+    return kind, iter_image_bytes(data, name)
 
 
-def _gate_refusal(name: str, distance: float, served: ServedBundle, several: bool) -> ApiError:
-    what = "any served model's training images; the closest was " if several else ""
+def _gate_refusal(name: str, distance: float, served: ServedBundle, routed_by: str) -> ApiError:
+    what = "any served model's training images; the closest was " if routed_by == BY_GATE else ""
     return ApiError(422, "unlike the training data", (
         f"{name}: this image is unlike {what}the {served.images_noun()} the model {served.name} was trained on "
         f"(distance {distance:.1f} > {served.bundle.gate_threshold:.1f}); no prediction is given"))
-
-
-def _dicom_modality(data: bytes, name: str) -> str:
-    """The Modality family of a DICOM upload ('' when the header cannot tell; decoding reports real damage later)."""
-    try:
-        return read_header(data, name).modality
-    except ImageReadError:
-        return ""
 
 
 def _swagger_assets() -> Path | None:
@@ -290,7 +282,6 @@ def create_app(
     for served in router.served:
         served.bundle.warm_up()
     bundle = router.default.bundle
-    several = len(router.served) > 1
     modalities = " and ".join(dict.fromkeys(MODALITY_NAMES[s.modality] for s in router.served if s.modality)) or "chest images"
     app = FastAPI(
         title="covidscan",
@@ -353,25 +344,28 @@ def create_app(
 
     def analyse_file(data: bytes, name: str, heatmap: bool, budget: int,
                      study_model: ServedBundle | None) -> tuple[str, list[SliceResult], ServedBundle, str]:
-        """Decode, choose the model (router), resize as each slice arrives, analyse. In a worker thread.
-        One candidate: one full-size slice in memory at a time; several: the file's slices are decoded once and each
-        candidate analyses them (plain images only, where the gates decide)."""
+        """Decode, choose the model (router; by the first slice's own Modality), resize as each slice arrives, analyse.
+        In a worker thread. One candidate: one full-size slice in memory at a time; several: the file's slices are
+        kept as decoded and each candidate analyses them (plain images only, where the gates decide)."""
         with busy:
             kind, images = _images(data, name)
-            if study_model is not None:
-                chosen, routed_by = [study_model], "the study's first file"
-            else:
-                chosen, routed_by = candidates(kind, _dicom_modality(data, name) if kind == "dicom" else "", name)
+            chosen: list[ServedBundle] = []
+            routed_by = BY_STUDY
             decoded: list[np.ndarray] = []
             try:
-                for pixels in images:
+                for image in images:
+                    if not chosen:
+                        chosen, routed_by = ([study_model], BY_STUDY) if study_model else candidates(
+                            kind, modality_family(image.meta.get("modality")), name)
                     if len(decoded) >= budget:
                         raise ApiError(413, "too many slices", f"{name}: more than {MAX_SLICES_PER_REQUEST} slices in one request")
-                    decoded.append(chosen[0].bundle.prepare(pixels) if len(chosen) == 1 else pixels)
+                    decoded.append(chosen[0].bundle.prepare(image.pixels) if len(chosen) == 1 else image.pixels)
             except ImageReadError as exc:
                 raise ApiError(422, "unreadable image", str(exc)) from None
+            if not chosen:
+                raise ApiError(422, "unreadable image", f"{name}: the file holds no image")
             answers = [(served, served.bundle.analyse(decoded, heatmap, heatmap_top=HEATMAP_SLICES)) for served in chosen]
-            served, results = Router.closest(answers)
+            served, results = answers[Router.closest(answers)]
             return kind, results, served, routed_by
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -504,10 +498,8 @@ def create_app(
                   in_study: bool = False) -> FileOut:
         """One file's slices; a refused single image is an error unless it is one slice of a study (then it is marked)."""
         volume = len(results) > 1
-        if not results:
-            raise ApiError(422, "unreadable image", f"{name}: the file holds no image")
         if not volume and not in_study and not results[0].in_distribution:
-            raise _gate_refusal(name, results[0].gate_distance, served, several and routed_by == "input gates")
+            raise _gate_refusal(name, results[0].gate_distance, served, routed_by)
         shown = {i for i, r in enumerate(results) if r.heatmap is not None}  # the most suspicious slices (Bundle.analyse)
         slices = [
             SliceOut(

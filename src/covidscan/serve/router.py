@@ -19,6 +19,7 @@ from covidscan.serve.predictor import Bundle, EnsembleBundle, SliceResult
 
 MODALITY_NAMES = {"CT": "chest CT", "CXR": "chest X-ray", "": "unknown modality"}
 BY_TAG, BY_VOLUME, BY_GATE, ONLY = "DICOM Modality tag", "NIfTI volume (CT)", "input gates", "the only model served"
+BY_STUDY = "the study's first file"  # the other files of a study go to the model that answered its first
 
 
 @dataclass(frozen=True)
@@ -86,16 +87,16 @@ class Router:
         return matching, ONLY if len(self.served) == 1 else how
 
     @staticmethod
-    def closest(answers: list[tuple[ServedBundle, list[SliceResult]]]) -> tuple[ServedBundle, list[SliceResult]]:
-        """Of several bundles' answers to the same images: the one whose gate accepted most of them, then the one
-        closest to its training images (mean distance / the gate's threshold)."""
-        def rank(answer: tuple[ServedBundle, list[SliceResult]]) -> tuple[int, float]:
-            served, results = answer
+    def closest(answers: list[tuple[ServedBundle, list[SliceResult]]]) -> int:
+        """Of several bundles' answers to the same images, the index of the one whose gate accepted most of them,
+        then of the one closest to its training images (mean distance / the gate's threshold)."""
+        def rank(index: int) -> tuple[int, float]:
+            served, results = answers[index]
             threshold = served.bundle.gate_threshold
             ratio = sum(r.gate_distance for r in results) / max(len(results), 1) / threshold if threshold > 0 else 0.0
             return -sum(r.in_distribution for r in results), ratio
 
-        return min(answers, key=rank)
+        return min(range(len(answers)), key=rank)
 
 
 def bundle_name(folder: str | Path) -> str:

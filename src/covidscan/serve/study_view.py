@@ -181,5 +181,5 @@ def analyse_routed_study(router: Router, named: list[tuple[str, bytes]], max_sli
     modality = next((header.modality for header in plan.slices if header.modality), "")
     chosen, routed_by = router.candidates("dicom", modality, "the study")
     answers = [(served, analyse_study(served.bundle, named, max_slices, plan)) for served in chosen]
-    served, _ = Router.closest([(served, analysis.results) for served, analysis in answers])
-    return next(analysis for s, analysis in answers if s is served), served, routed_by
+    served, analysis = answers[Router.closest([(served, analysis.results) for served, analysis in answers])]
+    return analysis, served, routed_by
