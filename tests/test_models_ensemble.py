@@ -256,3 +256,37 @@ def test_adabn_adapts_batch_norm_refits_the_gate_on_the_new_hospital_and_resets_
     assert refused_after < refused_before and refused_after <= 0.25  # the new hospital's images are now the accepted kind
     metrics = json.loads((tmp_path / "adapted" / "metrics.json").read_text())
     assert metrics["model_card"]["adaptation"]["method"].startswith("AdaBN") and "Adapted" in (tmp_path / "adapted" / "report.html").read_text()
+
+
+def test_tent_trains_only_batch_norm_scale_and_shift_and_makes_the_new_hospital_confident(tiny_run: Path, tmp_path: Path) -> None:
+    """Entropy minimisation lowers the prediction entropy on the new hospital's images, changes batch-norm affine
+    parameters only, and is recorded in the adapted run's card; an unknown method is refused before any work."""
+    from covidscan.adapt import adabn, adapt_run, entropy_minimisation
+    from covidscan.data.io import load_image_array
+    from covidscan.data.manifest import image_refs
+    from covidscan.data.phantom import PhantomSpec, generate_phantom_dataset
+    from covidscan.data.sources import index_folder
+    from covidscan.predict import Predictor
+
+    other = index_folder(generate_phantom_dataset(tmp_path / "b", PhantomSpec(patients_per_class=6, slices_per_patient=4, image_size=48, seed=3, scanner="B")))
+    images = load_image_array(image_refs(other), 48, show=False)
+
+    def entropy(predictor: Predictor) -> float:
+        probs = np.clip(predictor.score(images, tta=False)[0], 1e-8, 1)
+        return float(-(probs * np.log(probs)).sum(1).mean())
+
+    by_adabn, by_tent, source = Predictor(tiny_run), Predictor(tiny_run), Predictor(tiny_run)
+    adabn(by_adabn.model, images, by_adabn.normaliser)
+    entropy_minimisation(by_tent.model, images, by_tent.normaliser, epochs=10, lr=1e-2)
+    assert entropy(by_tent) < entropy(by_adabn) - 0.01
+    batch_norm = {id(p) for m in by_tent.model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in (m.weight, m.bias)}
+    changed = [id(a) in batch_norm for a, b in zip(by_tent.model.parameters(), source.model.parameters()) if not torch.equal(a, b)]
+    assert changed and all(changed)  # some batch-norm scale or shift moved, and nothing else
+    assert all(p.requires_grad for p in by_tent.model.parameters())  # the network is left as it was found
+
+    with pytest.raises(CovidscanError, match="unknown adaptation method 'tnet'"):
+        adapt_run(tiny_run, other, tmp_path / "typo", "hospital-b", show=False, log=lambda m: None, method="tnet")
+    assert not (tmp_path / "typo").exists()
+    adapt_run(tiny_run, other, tmp_path / "tent", "hospital-b", show=False, log=lambda m: None, method="tent")
+    card = json.loads((tmp_path / "tent" / "model.json").read_text())
+    assert card["adaptation"]["method"].startswith("TENT") and card["calibration"]["operating_points"] == {"default": 0.5}

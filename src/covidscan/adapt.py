@@ -1,9 +1,12 @@
-"""Test-time adaptation to a new hospital from its unlabelled images (AdaBN).
+"""Test-time adaptation to a new hospital from its unlabelled images (AdaBN or TENT).
 
 A network trained on one hospital normalises every feature map with that
 hospital's batch-norm statistics; on another scanner, protocol or image
 source the statistics are off and so are the outputs. AdaBN re-estimates the
 statistics on the new hospital's unlabelled images; nothing else changes.
+TENT (entropy minimisation) goes one step further: it also trains the
+batch-norm layers' scale and shift so that the network is confident on the
+new hospital's images, every other weight frozen.
 The adapted run is a new run folder: its input gate is refitted on the new
 hospital's images (what it accepts is now *that* hospital's kind of image),
 and its calibration and operating points are reset to the plain 0.5 decision,
@@ -25,6 +28,11 @@ from covidscan.errors import CovidscanError, DataError
 from covidscan.model_card import NETWORK
 from covidscan.models.classifier import CovidClassifier
 
+ADAPT_METHODS = ("adabn", "tent")
+METHOD_CARDS = {
+    "adabn": "AdaBN (batch-norm statistics re-estimated; no weight changed)",
+    "tent": "TENT (entropy minimisation: batch-norm statistics re-estimated, batch-norm scale and shift trained; no other weight changed)",
+}
 RUN_FILES = ("config.yaml", "manifest.csv", "metrics.json", "history.jsonl", "embeddings.npz")
 MIN_IMAGES = 32  # fewer unlabelled images give batch-norm statistics too noisy to trust
 
@@ -38,7 +46,7 @@ def adabn(model: CovidClassifier, images: np.ndarray, normaliser: Callable[[torc
     """
     from covidscan.data.transforms import to_float
 
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    layers = _batch_norm_layers(model)
     model.eval()
     for layer in layers:
         layer.reset_running_stats()
@@ -49,6 +57,55 @@ def adabn(model: CovidClassifier, images: np.ndarray, normaliser: Callable[[torc
     for layer in layers:
         layer.momentum = 0.1
     model.eval()
+    return len(layers)
+
+
+def _batch_norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def entropy_minimisation(model: CovidClassifier, images: np.ndarray, normaliser: Callable[[torch.Tensor], torch.Tensor],
+                         epochs: int = 1, lr: float = 1e-3, batch_size: int = 64, seed: int = 0) -> int:
+    """TENT (Wang et al., ICLR 2021): minimise the entropy of the predictions on `images` by training only the
+    batch-norm affine parameters, with batch statistics; returns the batch-norm layer count.
+
+    Starts from AdaBN's statistics and ends with them re-estimated for the trained scale and shift, so that the
+    deployed network (evaluation mode, running statistics) is the one that was adapted.
+    """
+    from covidscan.data.transforms import to_float
+
+    layers = _batch_norm_layers(model)
+    adabn(model, images, normaliser, batch_size)
+    affine = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
+    if not affine:
+        return len(layers)
+    trainable = {id(p) for p in affine}
+    saved = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    optimizer = torch.optim.Adam(affine, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    model.eval()
+    for layer in layers:
+        layer.train()  # batch statistics, as TENT
+    try:
+        for _ in range(epochs):
+            order = torch.randperm(len(images), generator=generator).numpy()
+            for start in range(0, len(images), batch_size):
+                index = np.sort(order[start : start + batch_size])
+                if len(index) < 2:  # batch-norm needs two images
+                    continue
+                batch = normaliser(to_float(torch.from_numpy(np.ascontiguousarray(images[index]))))
+                probs = torch.softmax(model(batch), dim=1)
+                loss = -(probs * torch.log(probs.clamp_min(1e-8))).sum(1).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(saved[id(p)])
+            p.grad = None
+    adabn(model, images, normaliser, batch_size)
     return len(layers)
 
 
@@ -63,8 +120,8 @@ def _halves(frame: pd.DataFrame, seed: int = 0) -> tuple[np.ndarray, np.ndarray]
 
 
 def adapt_run(run_dir: str | Path, unlabelled: pd.DataFrame, out: str | Path, name: str, show: bool = True,
-              log: Callable[[str], None] = print) -> dict[str, object]:
-    """AdaBN-adapt the run's network to `unlabelled` images (labels, if any, are ignored); write and evaluate OUT."""
+              log: Callable[[str], None] = print, method: str = "adabn") -> dict[str, object]:
+    """Adapt the run's network to `unlabelled` images (labels, if any, are ignored) with AdaBN or TENT; write and evaluate OUT."""
     from covidscan.data.manifest import image_refs
     from covidscan.decision import DEFAULT_STUDY_RULE
     from covidscan.evaluate.evaluation import evaluate_run, fit_run_gate, gate_sample
@@ -72,12 +129,14 @@ def adapt_run(run_dir: str | Path, unlabelled: pd.DataFrame, out: str | Path, na
     from covidscan.predict import MODEL_CARD, Predictor
     from covidscan.train.checkpoint import save_checkpoint
 
+    if method not in ADAPT_METHODS:
+        raise CovidscanError(f"unknown adaptation method {method!r}; choose one of {', '.join(ADAPT_METHODS)}")
     run_dir, out = Path(run_dir), Path(out)
     source = Predictor(run_dir)
     if source.model_card.kind != NETWORK:
         raise CovidscanError(f"{run_dir}: adapt works on one network; adapt each member of an ensemble, then combine them again")
     if len(unlabelled) < MIN_IMAGES:
-        raise DataError(name, f"{len(unlabelled)} unlabelled images; AdaBN needs at least {MIN_IMAGES} to estimate batch-norm statistics")
+        raise DataError(name, f"{len(unlabelled)} unlabelled images; adaptation needs at least {MIN_IMAGES} to estimate batch-norm statistics")
     if out.exists() and any(out.iterdir()):
         raise CovidscanError(f"{out}: folder exists and is not empty; choose another -o")
     images = source.load_images(image_refs(unlabelled), f"loading {name}", show)
@@ -91,10 +150,10 @@ def adapt_run(run_dir: str | Path, unlabelled: pd.DataFrame, out: str | Path, na
     if (run_dir / "external").is_dir():
         shutil.copytree(run_dir / "external", staging / "external")
     model = source.model
-    layers = adabn(model, images, source.normaliser)
-    if layers == 0:
-        raise CovidscanError(f"{run_dir}: the network has no batch-norm layer; AdaBN cannot adapt it")
-    save_checkpoint(staging / "checkpoints" / "best.safetensors", model, {"adapted": "AdaBN"})
+    if not _batch_norm_layers(model):
+        raise CovidscanError(f"{run_dir}: the network has no batch-norm layer; {method} cannot adapt it")
+    layers = adabn(model, images, source.normaliser) if method == "adabn" else entropy_minimisation(model, images, source.normaliser)
+    save_checkpoint(staging / "checkpoints" / "best.safetensors", model, {"adapted": method})
     reference, threshold = _halves(unlabelled)
     stats = source.score(images, tta=False)[1]  # source.model is the adapted network now
     arrays, gate_card = fit_run_gate(stats[reference][gate_sample(len(reference))], stats[threshold][gate_sample(len(threshold))])
@@ -108,11 +167,11 @@ def adapt_run(run_dir: str | Path, unlabelled: pd.DataFrame, out: str | Path, na
                         "reason": "reset by adaptation: no labelled image of the new hospital to fit a temperature or thresholds on; "
                                   "the source hospital's no longer apply"},
         "study_rule": {**DEFAULT_STUDY_RULE, "chosen_on": "default: reset by adaptation (no labelled patients of the new hospital)"},
-        "adaptation": {"method": "AdaBN (batch-norm statistics re-estimated; no weight changed)", "batch_norm_layers": layers,
+        "adaptation": {"method": METHOD_CARDS[method], "batch_norm_layers": layers,
                        "unlabelled_images": int(len(images)), "data": name, "source_run": run_dir.name},
     })
     atomic.write_json(staging / MODEL_CARD, card)
     atomic.swap_folder(staging, out)
-    log(f"adapted {run_dir} to {len(images)} unlabelled images of {name} (AdaBN, {layers} batch-norm layers) -> {out}; "
+    log(f"adapted {run_dir} to {len(images)} unlabelled images of {name} ({method}, {layers} batch-norm layers) -> {out}; "
         f"gate refitted (threshold {float(gate_card['threshold']):.1f}), calibration reset")
     return evaluate_run(out, None, None, show, log)

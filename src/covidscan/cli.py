@@ -242,13 +242,14 @@ def adapt_command(
     run: Annotated[Path, typer.Argument(help="Run folder of a trained network.")],
     unlabelled: Annotated[Path, typer.Argument(help="Manifest of the new hospital's images (labels, if any, are not used).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Adapted run folder to create.")],
+    method: Annotated[str, typer.Option(help="adabn: batch-norm statistics only; tent: also train batch-norm scale/shift by entropy minimisation.")] = "adabn",
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
-    """Adapt a model to a new hospital's unlabelled images (AdaBN); the gate is refitted there, calibration reset."""
+    """Adapt a model to a new hospital's unlabelled images (AdaBN or TENT); the gate is refitted there, calibration reset."""
     from covidscan.adapt import adapt_run
     from covidscan.data.manifest import load_manifest
 
-    metrics = adapt_run(run, load_manifest(unlabelled), out, unlabelled.stem, not quiet, _log)
+    metrics = adapt_run(run, load_manifest(unlabelled), out, unlabelled.stem, not quiet, _log, method)
     _print_summary(metrics, out)
     console.print(DISCLAIMER, style="italic", markup=False)
 
