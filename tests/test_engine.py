@@ -35,9 +35,15 @@ def _model() -> CovidClassifier:
     return CovidClassifier("efficientnet_lite0", 2, 1, 0.25, "imagenet")
 
 
-def test_resume_after_interruption_repeats_the_uninterrupted_run(tiny_phantom: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("regularised", [False, True], ids=["plain", "mixup+smoothing+cosine"])
+def test_resume_after_interruption_repeats_the_uninterrupted_run(tiny_phantom: Path, tmp_path: Path, regularised: bool) -> None:
+    """Also with mixup, label smoothing, stronger zoom and the cosine schedule: their random draws and the learning
+    rate of the resumed epoch come out as in the uninterrupted run."""
     train, val = _data(tiny_phantom)
     cfg = TrainConfig(epochs=3, head_epochs=1, batch_size=8, patience=10, seed=3)
+    if regularised:
+        cfg = TrainConfig(epochs=3, head_epochs=1, batch_size=8, patience=10, seed=3, mixup=0.4, label_smoothing=0.1,
+                          schedule="cosine", zoom=0.25, shift=0.1)
     normaliser = Normaliser.for_backbone(get_backbone("efficientnet_lite0"))
 
     whole = _model()
@@ -56,6 +62,40 @@ def test_resume_after_interruption_repeats_the_uninterrupted_run(tiny_phantom: P
     assert [r["val_loss"] for r in result_resumed["history"]] == [r["val_loss"] for r in result_whole["history"]]
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_cosine_schedule_decays_every_group_from_its_own_rate() -> None:
+    from covidscan.train.engine import _set_learning_rate, learning_rate_factor
+
+    factors = [learning_rate_factor("cosine", e, 10) for e in range(10)]
+    assert factors[0] == 1.0 and all(a > b for a, b in zip(factors, factors[1:])) and 0 < factors[-1] < 0.03
+    assert {learning_rate_factor("constant", e, 10) for e in range(10)} == {1.0}
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([{"params": [weight], "lr": 1e-3}, {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-4}])
+    for factor in (0.5, 0.25):  # applied to the base rate, not compounded
+        _set_learning_rate(optimizer, factor)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([2.5e-4, 2.5e-5])
+
+
+def test_mixup_blends_each_image_with_a_partner_and_returns_the_partner_targets() -> None:
+    from covidscan.train.engine import _mix
+
+    x, y = torch.rand(16, 1, 8, 8), torch.arange(16)
+    mixed, partner, weight = _mix(x, y, 0.4, torch.Generator().manual_seed(5))
+    again = _mix(x, y, 0.4, torch.Generator().manual_seed(5))
+    assert torch.equal(mixed, again[0]) and 0.0 < weight < 1.0 and sorted(partner.tolist()) == list(range(16))
+    assert torch.allclose(mixed, weight * x + (1 - weight) * x[partner]) and not torch.equal(partner, y)
+
+
+def test_regulariser_settings_out_of_range_are_refused() -> None:
+    from covidscan.config import load_config
+    from covidscan.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.schedule must be one of constant, cosine"):
+        load_config(None, ["train.schedule=step"])
+    for bad in ("train.mixup=-1", "train.label_smoothing=1", "train.zoom=1.5", "train.shift=0.8"):
+        with pytest.raises(ConfigError, match="train.zoom must be in"):
+            load_config(None, [bad])
 
 
 def test_shallow_mode_changes_only_the_head(tiny_phantom: Path, tmp_path: Path) -> None:

@@ -74,6 +74,12 @@ class TrainConfig:
     select: str = "loss"
     augment: bool = True
     rotation_deg: float = 10.0
+    zoom: float = 0.1  # random zoom in [1 - zoom, 1 + zoom]
+    shift: float = 0.05  # random shift, as a fraction of the image size
+    # Small-data regularisers (issue 14, P2): mixup's Beta(alpha, alpha) (0: off) and label smoothing of the targets.
+    mixup: float = 0.0
+    label_smoothing: float = 0.0
+    schedule: str = "constant"  # learning rate over the epochs: constant | cosine (to 0 at train.epochs)
     class_balanced: bool = False
     # Every source (manifest column 'source') is drawn equally often per epoch: multi-source training where one
     # hospital has far more images than another (sampling with replacement; an epoch keeps its length).
@@ -205,6 +211,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 SELECTION = ("loss", "auc", "last")
+SCHEDULES = ("constant", "cosine")
 MIN_IMAGE_SIZE = 32  # five stride-2 stages leave a 1x1 feature map; smaller inputs break the backbones
 
 
@@ -231,6 +238,12 @@ def validate_config(config: RunConfig) -> None:
             raise ConfigError(f"train.{name} must not be negative")
     if config.train.select not in SELECTION:
         raise ConfigError(f"train.select must be one of {', '.join(SELECTION)}, got {config.train.select!r}")
+    t = config.train
+    if t.schedule not in SCHEDULES:
+        raise ConfigError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {t.schedule!r}")
+    if not (0.0 <= t.zoom < 1.0 and 0.0 <= t.shift <= 0.5 and t.mixup >= 0.0 and 0.0 <= t.label_smoothing < 1.0 and t.rotation_deg >= 0):
+        raise ConfigError("train.zoom must be in [0, 1), train.shift in [0, 0.5], train.mixup >= 0, train.label_smoothing in [0, 1), "
+                          "train.rotation_deg >= 0")
     if not 0.0 <= config.train.source_augment <= 1.0:
         raise ConfigError(f"train.source_augment is a probability in [0, 1], got {config.train.source_augment}")
     if config.train.weight_decay < 0 or not 0 < config.train.backbone_lr_scale <= 1 or not 0 < config.train.layer_decay <= 1:

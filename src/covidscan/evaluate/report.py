@@ -421,7 +421,11 @@ def _methods_html(card: dict[str, object], training: dict[str, object], config: 
         kept += f' <strong class="warn">{_e(selection["warning"])}</strong>'
     rows = {
         "Preprocessing": config.data.preprocess,
-        "Standard augmentation": f"rotation ±{t.rotation_deg:g}°, scale, shift, flip, brightness/contrast/gamma, noise" if t.augment else "off",
+        "Standard augmentation": (f"rotation ±{t.rotation_deg:g}°, zoom ±{t.zoom:g}, shift ±{t.shift:g}, flip, brightness/contrast/gamma, noise"
+                                  if t.augment else "off"),
+        "Small-data regularisers": (f"mixup α = {t.mixup:g}; " if t.mixup > 0 else "mixup off; ")
+                                   + (f"label smoothing {t.label_smoothing:g}; " if t.label_smoothing > 0 else "label smoothing off; ")
+                                   + f"learning rate {t.schedule}",
         "Source-imitating augmentation": (f"each step with p = {t.source_augment:g}: resolution loss, JPEG, window/level, figure borders and crops, "
                                           "arrows and letters, blur, noise") if t.source_augment > 0 else "off",
         "Source-balanced sampling": "on: every source drawn equally often" if t.balance_sources else "off",
@@ -431,7 +435,7 @@ def _methods_html(card: dict[str, object], training: dict[str, object], config: 
         "Local fine-tuning": (f"{_e(finetune.get('patients'))} patients ({_e(finetune.get('images'))} images) of {_e(finetune.get('data'))}, "  # type: ignore[union-attr]
                               f"+ {_e(finetune.get('replayed_source_images'))} replayed images of run {_e(finetune.get('source_run'))}"  # type: ignore[union-attr]
                               if isinstance(finetune, dict) else "none"),
-        "Test-time adaptation (AdaBN)": "on (see above)" if card.get("adaptation") else "off",
+        "Test-time adaptation (AdaBN / TENT)": "on (see above)" if card.get("adaptation") else "off",
         "Test-time augmentation": "mirror-averaged" if card.get("tta") else "off",
     }
     body = "".join(f"<tr><td>{name}</td><td>{value}</td></tr>" for name, value in rows.items())

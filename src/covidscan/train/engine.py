@@ -103,6 +103,27 @@ def _make_optimizer(model: CovidClassifier, cfg: TrainConfig, transfer: str) -> 
     return torch.optim.Adam(param_groups + [head], weight_decay=cfg.weight_decay)
 
 
+def learning_rate_factor(schedule: str, epoch: int, epochs: int) -> float:
+    """The share of each group's base learning rate used in `epoch` (0-based): cosine decays to 0 at the last epoch's end."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / max(1, epochs)))
+    return 1.0
+
+
+def _set_learning_rate(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Scale every group's base rate (kept in the group, so that a resumed run continues the same schedule)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
+
+
+def _mix(batch: torch.Tensor, target: torch.Tensor, alpha: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup (Zhang et al., 2018): each image blended with another of the batch; returns the partner targets and the weight."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    weight = float(np.random.default_rng(seed).beta(alpha, alpha))
+    partner = torch.randperm(batch.shape[0], generator=generator).to(batch.device)
+    return weight * batch + (1.0 - weight) * batch[partner], target[partner], weight
+
+
 def _trainable_groups(transfer: str, epoch: int, cfg: TrainConfig, n_groups: int) -> int:
     """How many backbone layer groups (deepest first) train in this epoch."""
     if transfer == "shallow":
@@ -134,7 +155,7 @@ def _train_one_epoch(
         order = torch.randperm(len(data), generator=generator).to(device)
     else:
         order = torch.multinomial(data.draw_weights, len(data), replacement=True, generator=generator).to(device)
-    aug_cfg = AugmentConfig(rotation_deg=cfg.rotation_deg)
+    aug_cfg = AugmentConfig(rotation_deg=cfg.rotation_deg, scale=(1.0 - cfg.zoom, 1.0 + cfg.zoom), shift=cfg.shift)
     total, seen = 0.0, 0
     for start in range(0, len(data), cfg.batch_size):
         index = order[start : start + cfg.batch_size]
@@ -145,8 +166,12 @@ def _train_one_epoch(
             batch = augment(batch, generator, aug_cfg)
         if cfg.source_augment > 0:
             batch = imitate_sources(batch, generator, cfg.source_augment)
+        target = data.labels[index]
+        partner, weight = target, 1.0
+        if cfg.mixup > 0:
+            batch, partner, weight = _mix(batch, target, cfg.mixup, generator)
         batch = normaliser(batch)[ctx.rank :: ctx.world].contiguous(memory_format=_memory_format(cfg))
-        target = data.labels[index][ctx.rank :: ctx.world]
+        target, partner = target[ctx.rank :: ctx.world], partner[ctx.rank :: ctx.world]
         with _autocast(device, cfg.cpu_bf16):
             if model.frozen_backbone:
                 with torch.no_grad():
@@ -154,7 +179,9 @@ def _train_one_epoch(
                 logits = runner(features)
             else:
                 logits = runner(batch, composed=False)  # one logit per output: sub-classes when decomposed
-            loss = F.cross_entropy(logits.float(), target, weight=loss_weight)
+            loss = F.cross_entropy(logits.float(), target, weight=loss_weight, label_smoothing=cfg.label_smoothing)
+            if weight < 1.0:
+                loss = weight * loss + (1.0 - weight) * F.cross_entropy(logits.float(), partner, weight=loss_weight, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -251,6 +278,7 @@ def fit(
         n_groups = len(model.layer_groups())
         trainable = _trainable_groups(transfer, epoch, cfg, n_groups)
         model.set_trainable_groups(trainable)
+        _set_learning_rate(optimizer, learning_rate_factor(cfg.schedule, epoch, cfg.epochs))
         train_loss = _train_one_epoch(model, train, optimizer, cfg, normaliser, generator, loss_weight, ctx)
         phase = "frozen" if trainable == 0 else "trained" if trainable == n_groups else f"top {trainable}/{n_groups} groups"
         row = {"epoch": epoch + 1, "backbone": phase, "train_loss": train_loss}
