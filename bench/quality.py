@@ -3,7 +3,7 @@
 Usage:
   .venv/bin/python bench/quality.py --config configs/recommended.yaml --name recommended [--protocol P1 ...] [--set k=v ...]
   .venv/bin/python bench/quality.py --table            # the protocol and ablation tables of every name run so far
-  .venv/bin/python bench/quality.py --seeds            # P2 over seeds: every NAME-seedN run, grouped by NAME
+  .venv/bin/python bench/quality.py --seeds            # P1 and P2 over seeds: every NAME-seedN run, grouped by NAME
 
 Reads ../shared/data (sarscov2-ct and ucsd-covid-ct, indexed with `covidscan data index`); writes OUT/NAME/P1..P5.
 Every protocol is a plain covidscan command (printed before it runs), with the quick evaluation (every metric with
@@ -222,29 +222,46 @@ def ablation_row(name: str, out: Path) -> dict[str, str] | None:
             "P3 5-fold pooled AUC": pooled_cv(out / "P3")[0] if (out / "P3" / "fold-1").is_dir() else "not run"}
 
 
+def _spread(values: list[float]) -> str:
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.3f}"
+
+
+def _seed_groups(out: Path, protocol: str) -> dict[str, list[Path]]:
+    groups: dict[str, list[Path]] = {}
+    for run in sorted(out.glob(f"*-seed*/{protocol}/metrics.json")):
+        name, _, seed = run.parent.parent.name.rpartition("-seed")
+        if seed.isdigit():
+            groups.setdefault(name, []).append(run.parent)
+    return groups
+
+
+def p1_seed_rows(out: Path) -> list[dict[str, str]]:
+    """P1 of one recipe trained with several seeds on the same cluster split: is a zero-shot gain more than training noise?"""
+    rows = []
+    for name, runs in _seed_groups(out, "P1").items():
+        sets = [_sets(r) for r in runs]
+        ucsd = [s["ucsd-covid-ct"]["metrics"]["auc"] for s in sets]
+        rows.append({"recipe": name, "seeds": str(len(runs)), "sarscov2-ct test AUC": _spread([s["in-domain test"]["metrics"]["auc"] for s in sets]),
+                     "P1 ucsd-covid-ct slice AUC": f"{_spread(ucsd)} ({', '.join(f'{v:.3f}' for v in ucsd)})",
+                     "P1 ucsd-covid-ct patient AUC": _spread([s["ucsd-covid-ct"]["patient_level"]["metrics"]["auc"] for s in sets]),
+                     "P1 ucsd official validation slice AUC": _spread([s["ucsd-val"]["metrics"]["auc"] for s in sets])})
+    return rows
+
+
 def seed_rows(out: Path) -> list[dict[str, str]]:
     """P2 of the same recipe trained with several seeds (names NAME-seedN): training noise is as large as most
     differences between recipes on 93 validation images, so recipes are compared on their seed means.
     The selection-side validation AUC (the kept epoch's, on the training part's own validation patients) is shown
     beside the test figure: a recipe chosen on the official validation part alone would be chosen on its test part."""
-    groups: dict[str, list[Path]] = {}
-    for run in sorted(out.glob("*-seed*/P2/metrics.json")):
-        name, _, seed = run.parent.parent.name.rpartition("-seed")
-        if seed.isdigit():
-            groups.setdefault(name, []).append(run.parent)
-
-    def spread(values: list[float]) -> str:
-        return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.3f}"
-
     rows = []
-    for name, runs in groups.items():
+    for name, runs in _seed_groups(out, "P2").items():
         tests = [_sets(r)["in-domain test"] for r in runs]
         auc = [t["metrics"]["auc"] for t in tests]
         selection = [json.loads((r / "metrics.json").read_text())["training"]["selection"].get("kept_val_auc", math.nan) for r in runs]
-        rows.append({"recipe": name, "seeds": str(len(runs)), "selection-side validation AUC": spread(selection),
-                     "P2 slice AUC": f"{spread(auc)} ({', '.join(f'{v:.3f}' for v in auc)})",
-                     "P2 patient AUC": spread([t["patient_level"]["metrics"]["auc"] for t in tests]),
-                     "P2 F1": spread([t["metrics"]["f1"] for t in tests]),
+        rows.append({"recipe": name, "seeds": str(len(runs)), "selection-side validation AUC": _spread(selection),
+                     "P2 slice AUC": f"{_spread(auc)} ({', '.join(f'{v:.3f}' for v in auc)})",
+                     "P2 patient AUC": _spread([t["patient_level"]["metrics"]["auc"] for t in tests]),
+                     "P2 F1": _spread([t["metrics"]["f1"] for t in tests]),
                      "sensitivity / specificity": f"{np.mean([t['metrics']['sensitivity'] for t in tests]):.3f} / "
                                                   f"{np.mean([t['metrics']['specificity'] for t in tests]):.3f}"})
     return rows
@@ -260,9 +277,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
     parser.add_argument("--draw", type=int, action="append", help="P5: only these draws (to share the draws between two processes)")
     parser.add_argument("--table", action="store_true", help="print the tables of every name under --out and exit")
-    parser.add_argument("--seeds", action="store_true", help="print P2 over seeds (names NAME-seedN) and exit")
+    parser.add_argument("--seeds", action="store_true", help="print P1 and P2 over seeds (names NAME-seedN) and exit")
     args = parser.parse_args()
     if args.seeds:
+        print(markdown_table(p1_seed_rows(args.out)))
+        print()
         print(markdown_table(seed_rows(args.out)))
         return
     if args.table:

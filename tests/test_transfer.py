@@ -166,7 +166,8 @@ def test_finetune_starts_from_the_run_replays_its_images_and_records_what_it_did
     held_out = _hospital_b(tmp_path / "b2", seed=4)
     # A vanishing learning rate: the weights must stay those of the source run (proves the start), BN statistics aside.
     finetune_run(tiny_run, local, tmp_path / "still", "hospital-b", patients=4, draw=0, show=False, log=lambda m: None,
-                 overrides=["train.lr=1e-12", "train.epochs=2"], externals={"hospital-b-held-out": held_out})
+                 overrides=["train.lr=1e-12", "train.epochs=2", "train.mixup=0.2", "train.schedule=cosine"],
+                 externals={"hospital-b-held-out": held_out})
     source, tuned = Predictor(tiny_run), Predictor(tmp_path / "still")
     weights = [(a, b) for (name, a), b in zip(source.model.named_parameters(), tuned.model.parameters())]
     assert weights and all(torch.allclose(a, b, atol=1e-6) for a, b in weights)
@@ -184,6 +185,7 @@ def test_finetune_starts_from_the_run_replays_its_images_and_records_what_it_did
     assert sorted(manifest.loc[manifest["split"] == "test", "path"]) == sorted(source_manifest.loc[source_manifest["split"] == "test", "path"])
     report = (tmp_path / "still" / "report.html").read_text()
     assert 'id="methods"' in report and "4 patients (12 images) of hospital-b" in report
+    assert "mixup α = 0.2; label smoothing off; learning rate cosine" in report  # every training option used is stated
 
 
 def test_finetune_refuses_a_mismatched_start_and_one_class_data(tiny_run: Path, tmp_path: Path) -> None:
