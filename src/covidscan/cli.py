@@ -254,6 +254,34 @@ def adapt_command(
     console.print(DISCLAIMER, style="italic", markup=False)
 
 
+@app.command("pretrain")
+def pretrain_command(
+    unlabelled: Annotated[Path, typer.Argument(help="Manifest of unlabelled slices (labels, if any, are not used).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Weights file to write (.safetensors); a .json record goes beside it.")],
+    backbone: Annotated[str, typer.Option(help="Backbone to pretrain (covidscan models).")] = "efficientnet_lite0",
+    size: Annotated[int, typer.Option(help="Image size; train with the same data.image_size.")] = 128,
+    preprocess: Annotated[str, typer.Option(help="data.preprocess of the images; train with the same.")] = "none",
+    epochs: Annotated[int, typer.Option(min=1)] = 10,
+    batch_size: Annotated[int, typer.Option(min=8)] = 64,
+    lr: Annotated[float, typer.Option(min=0.0)] = 1e-4,
+    seed: Annotated[int, typer.Option()] = 0,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Self-supervised (SimCLR) pretraining of a backbone on unlabelled slices; train with --set model.weights=OUT."""
+    from covidscan.data.io import load_image_array
+    from covidscan.data.manifest import image_refs, load_manifest
+    from covidscan.data.preprocess import PREPROCESSING
+    from covidscan.models.pretrain import pretrain_file
+    from covidscan.models.registry import get_backbone
+
+    if preprocess not in PREPROCESSING:
+        raise CovidscanError(f"--preprocess must be one of {', '.join(PREPROCESSING)}, got {preprocess!r}")
+    get_backbone(backbone)  # an unknown name fails before any image is read
+    images = load_image_array(image_refs(load_manifest(unlabelled)), size, f"loading {unlabelled.name}", not quiet, preprocess)
+    pretrain_file(images, out, backbone, size, unlabelled.stem, epochs=epochs, batch_size=batch_size, lr=lr,
+                  preprocess=preprocess, seed=seed, log=_log)
+
+
 @app.command("finetune")
 def finetune_command(
     run: Annotated[Path, typer.Argument(help="Run folder of a trained network.")],
