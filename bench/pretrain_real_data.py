@@ -11,14 +11,15 @@ Needs bench/quality.py's manifests and its `recommended` P1 run (for the split).
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 
+sys.path.insert(0, str(Path(__file__).parent))
+from quality import COVIDSCAN, run  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-COVIDSCAN = str(Path(sys.executable).with_name("covidscan"))
 
 
 def main() -> None:
@@ -39,14 +40,11 @@ def main() -> None:
     pool.to_csv(manifest, index=False)
     weights = folder / f"{args.name}-{args.size}px.safetensors"
     if not weights.is_file():
-        command = [COVIDSCAN, "pretrain", str(manifest), "-o", str(weights), "--size", str(args.size), "--epochs", str(args.epochs), "--quiet"]
-        print("$ " + " ".join(command), flush=True)
-        subprocess.run(command, check=True)
+        run([COVIDSCAN, "pretrain", str(manifest), "-o", str(weights), "--size", str(args.size), "--epochs", str(args.epochs), "--quiet"],
+            folder / f"{weights.stem}.log")
     sets = [f"model.weights={weights}", f"data.image_size={args.size}", *args.sets]
-    command = [sys.executable, str(ROOT / "bench" / "quality.py"), "--config", "configs/recommended.yaml", "--name", args.name,
-               "--protocol", "P1", "--protocol", "P2", *[item for s in sets for item in ("--set", s)]]
-    print("$ " + " ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    run([sys.executable, str(ROOT / "bench" / "quality.py"), "--config", "configs/recommended.yaml", "--name", args.name,
+         "--protocol", "P1", "--protocol", "P2", *[item for s in sets for item in ("--set", s)]], folder / f"{args.name}-quality.log")
 
 
 if __name__ == "__main__":

@@ -248,16 +248,17 @@ def p1_seed_rows(out: Path) -> list[dict[str, str]]:
     return rows
 
 
-def seed_rows(out: Path) -> list[dict[str, str]]:
+def p2_seed_rows(out: Path) -> list[dict[str, str]]:
     """P2 of the same recipe trained with several seeds (names NAME-seedN): training noise is as large as most
     differences between recipes on 93 validation images, so recipes are compared on their seed means.
     The selection-side validation AUC (the kept epoch's, on the training part's own validation patients) is shown
     beside the test figure: a recipe chosen on the official validation part alone would be chosen on its test part."""
     rows = []
     for name, runs in _seed_groups(out, "P2").items():
-        tests = [_sets(r)["in-domain test"] for r in runs]
+        metrics = [json.loads((r / "metrics.json").read_text()) for r in runs]
+        tests = [m["evaluation"]["sets"]["in-domain test"] for m in metrics]
         auc = [t["metrics"]["auc"] for t in tests]
-        selection = [json.loads((r / "metrics.json").read_text())["training"]["selection"].get("kept_val_auc", math.nan) for r in runs]
+        selection = [m["training"]["selection"].get("kept_val_auc", math.nan) for m in metrics]
         rows.append({"recipe": name, "seeds": str(len(runs)), "selection-side validation AUC": _spread(selection),
                      "P2 slice AUC": f"{_spread(auc)} ({', '.join(f'{v:.3f}' for v in auc)})",
                      "P2 patient AUC": _spread([t["patient_level"]["metrics"]["auc"] for t in tests]),
@@ -282,7 +283,7 @@ def main() -> None:
     if args.seeds:
         print(markdown_table(p1_seed_rows(args.out)))
         print()
-        print(markdown_table(seed_rows(args.out)))
+        print(markdown_table(p2_seed_rows(args.out)))
         return
     if args.table:
         names = sorted(p.parent.name for p in args.out.glob("*/P1"))

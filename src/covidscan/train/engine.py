@@ -179,9 +179,10 @@ def _train_one_epoch(
                 logits = runner(features)
             else:
                 logits = runner(batch, composed=False)  # one logit per output: sub-classes when decomposed
-            loss = F.cross_entropy(logits.float(), target, weight=loss_weight, label_smoothing=cfg.label_smoothing)
-            if weight < 1.0:
-                loss = weight * loss + (1.0 - weight) * F.cross_entropy(logits.float(), partner, weight=loss_weight, label_smoothing=cfg.label_smoothing)
+            logits = logits.float()
+            loss = F.cross_entropy(logits, target, weight=loss_weight, label_smoothing=cfg.label_smoothing)
+            if weight < 1.0:  # mixup: the partner images' targets with the rest of the weight
+                loss = weight * loss + (1.0 - weight) * F.cross_entropy(logits, partner, weight=loss_weight, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
