@@ -85,13 +85,50 @@ def test_kermany_patient_ids_and_merging_with_another_set(tmp_path: Path) -> Non
     assert set(merged["source"]) == {"kermany-normal", "other"} and set(merged["label"]) == {"COVID", "non-COVID"}
 
 
+def _release_names(root: Path, covid: int, noncovid: int) -> None:
+    """Empty files named as the sarscov2-ct release names them (detection reads names, not pixels)."""
+    for folder, stem, count in (("COVID", "Covid", covid), ("non-COVID", "Non-Covid", noncovid)):
+        (root / folder).mkdir(parents=True)
+        for i in range(1, count + 1):
+            (root / folder / f"{stem} ({i}).png").touch()
+
+
+def test_sarscov2_is_recognised_by_its_fingerprint_only(tmp_path: Path) -> None:
+    release = tmp_path / "download"
+    _release_names(release, 1252, 1229)
+    assert detect_kind(release) == "sarscov2-ct"
+    renamed = tmp_path / "renamed"
+    _release_names(renamed, 1252, 1229)
+    (renamed / "COVID" / "Covid (7).png").rename(renamed / "COVID" / "scan-7.png")
+    assert detect_kind(renamed) == "folder"
+    assert detect_kind(tmp_path / "renamed") == "folder"
+    subset = tmp_path / "subset"
+    _release_names(subset, 300, 300)
+    assert detect_kind(subset) == "folder"
+
+
+def test_a_flat_class_folder_set_is_the_users_own(tmp_path: Path) -> None:
+    """A hospital's set laid out as ROOT/COVID + ROOT/non-COVID is never reported as the São Paulo release."""
+    root = tmp_path / "moscow"
+    _img(root / "COVID" / "study_0001.png", "RGB")
+    _img(root / "non-COVID" / "study_0002.png", "RGBA")
+    assert detect_kind(root) == "folder"
+    frame = index_source(root)
+    assert set(frame["source"]) == {"moscow"} and (frame["patient_id"] == "").all()
+    named = index_source(root, source="Moscow MosMed 2020")
+    assert set(named["source"]) == {"Moscow MosMed 2020"}
+    with pytest.raises(DataError, match="must not be empty"):
+        index_source(root, source=" ")
+
+
 def test_sarscov2_layout_and_csv_lists(tmp_path: Path) -> None:
     root = tmp_path / "sars"
     _img(root / "COVID" / "Covid (1).png", "RGB")
     _img(root / "non-COVID" / "Non-Covid (1).png", "RGBA")
-    assert detect_kind(root) == "sarscov2-ct"
-    frame = index_source(root)
+    frame = index_source(root, kind="sarscov2-ct")
     assert set(frame["source"]) == {"sarscov2-ct"} and (frame["patient_id"] == "").all()
+    with pytest.raises(DataError, match="known set"):
+        index_source(root, kind="sarscov2-ct", source="mine")
     csv = tmp_path / "list.csv"
     csv.write_text("path,label,patient_id\nsars/COVID/Covid (1).png,covid,p1\nsars/non-COVID/Non-Covid (1).png,Normal,p2\n")
     listed = index_source(csv)

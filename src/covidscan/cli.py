@@ -56,12 +56,20 @@ def data_index(
     out: Annotated[Path, typer.Option("--out", "-o", help="Manifest CSV to write.")] = Path("manifest.csv"),
     kind: Annotated[str, typer.Option(help="auto, folder, csv, sarscov2-ct, ucsd-covid-ct, ieee8023 or kermany-normal.")] = "auto",
     labels: Annotated[str, typer.Option(help="'binary' (COVID vs non-COVID), 'auto' (folder names) or 'A,B,C'.")] = "binary",
+    source: Annotated[Optional[str], typer.Option(help="Name of your own data set (default: the folder or CSV name); reports and the model card use it.")] = None,
+    description: Annotated[Optional[str], typer.Option(help="One line on where your data set comes from (hospital, scanner, period, label source); the report and the model card state it.")] = None,
 ) -> None:
-    """Index data folders, CSV lists or known public sets into one manifest (one row per image or slice)."""
-    from covidscan.data.manifest import save_manifest
-    from covidscan.data.public_sets import index_sources
+    """Index data folders, CSV lists or known public sets into one manifest (one row per image or slice).
 
-    frame = index_sources(list(roots), kind, labels)
+    A known public set is recognised only when its files match the release; any other folder is your own set,
+    named by --source.
+    """
+    from covidscan.data.manifest import save_manifest
+    from covidscan.data.public_sets import describe_source, index_sources
+
+    frame = index_sources(list(roots), kind, labels, source)
+    if description is not None:
+        frame = describe_source(frame, description)
     save_manifest(frame, out)
     counts = frame.groupby(["source", "label"]).size().to_dict()
     patients = int((frame["patient_id"] != "").sum())
@@ -161,8 +169,9 @@ def train_command(
     external: Annotated[Optional[list[Path]], typer.Option(help="Also evaluate on this manifest of another data set (repeatable).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
     quick: Annotated[bool, typer.Option("--quick", help="Quick evaluation: every metric with its CI, no heat maps or t-SNE, 200 bootstrap resamples.")] = False,
+    no_audit: Annotated[bool, typer.Option("--no-audit", help="Skip the data audit (shortcuts, duplicates, label conflicts) that runs before training.")] = False,
 ) -> None:
-    """Fine-tune a pretrained backbone; evaluate on the held-out test patients and any --external data sets."""
+    """Audit the data, fine-tune a pretrained backbone; evaluate on the held-out test patients and any --external data sets."""
     from covidscan.config import QUICK_EVALUATION, load_config
 
     set_ = (QUICK_EVALUATION if quick else []) + list(set_ or [])
@@ -190,9 +199,10 @@ def train_command(
     if cfg.ensemble.members:
         from covidscan.pipeline import train_ensemble
 
-        metrics = train_ensemble(frame, cfg, run_dir, show_progress=not quiet, log=_log, externals=externals)  # type: ignore[arg-type]
+        metrics = train_ensemble(frame, cfg, run_dir, show_progress=not quiet, log=_log, externals=externals, audit=not no_audit)  # type: ignore[arg-type]
     else:
-        metrics = train_run(frame, cfg, run_dir, resume=resume is not None, show_progress=not quiet, log=_log, externals=externals)  # type: ignore[arg-type]
+        metrics = train_run(frame, cfg, run_dir, resume=resume is not None, show_progress=not quiet, log=_log, externals=externals,  # type: ignore[arg-type]
+                            audit=not no_audit)
     from covidscan.train.distributed import env_rank
 
     if env_rank() == 0:

@@ -15,8 +15,10 @@ import torch
 
 from covidscan import DISCLAIMER, __version__, atomic
 from covidscan.config import RunConfig, save_config
+from covidscan.data.audit import AuditFindings
 from covidscan.data.io import load_image_array
-from covidscan.data.manifest import class_names, image_refs, save_manifest
+from covidscan.data.manifest import class_names, image_refs, part_counts, save_manifest
+from covidscan.data.summary import audit_once, data_summary, training_audit, training_modality
 from covidscan.data.split import leakage_report, leakage_threshold, split_manifest
 from covidscan.data.transforms import Normaliser
 from covidscan.errors import ConfigError, DataError
@@ -76,11 +78,13 @@ def train_run(
     split_report: dict[str, object] | None = None,
     externals: dict[str, pd.DataFrame] | None = None,
     provenance: dict[str, object] | None = None,
+    audit: AuditFindings | bool = True,
 ) -> dict[str, object]:
-    """Split (if needed), train, evaluate on the held-out test patients (and external sets), write the run folder.
+    """Audit, split (if needed), train, evaluate on the held-out test patients (and external sets), write the run folder.
 
     `split_report` (from `split_manifest`) skips re-measuring a split made just before. `provenance` (e.g. how
-    `covidscan finetune` drew its local patients) is recorded in model.json and metrics.json.
+    `covidscan finetune` drew its local patients) is recorded in model.json and metrics.json. `audit`: run the data
+    audit (True), skip it (False, stated in the report), or the findings of an audit made once for several runs.
     """
     run_dir = Path(run_dir)
     started = time.perf_counter()
@@ -102,9 +106,11 @@ def train_run(
     spec = get_backbone(config.model.backbone)
     size = config.data.image_size or spec.input_size
     run_dir.mkdir(parents=True, exist_ok=True)
+    audit_json: dict[str, object] = {}
     if ctx.is_main:
         save_config(config, run_dir / "config.yaml")
         save_manifest(frame, run_dir / "manifest.csv")
+        audit_json = training_audit(frame, audit, run_dir, show_progress, log)
 
     parts: dict[str, TensorData] = {}
     for split in ("train", "val", "test"):
@@ -116,9 +122,10 @@ def train_run(
         parts[split] = TensorData(torch.from_numpy(images), torch.from_numpy(labels))
     if config.train.balance_sources:
         parts["train"] = balanced_by_source(parts["train"], frame[frame["split"] == "train"], log)
+    counts = part_counts(frame)
     log(
         "images: " + ", ".join(f"{k} {len(v)}" for k, v in parts.items())
-        + " | groups: " + ", ".join(f"{k} {frame.loc[frame['split'] == k, 'group'].nunique()}" for k in parts)
+        + " | patients or groups: " + ", ".join(f"{k} {counts[k]['patients_or_groups']}" for k in parts)
     )
 
     device = device_for(ctx, config.train.device)
@@ -159,10 +166,10 @@ def train_run(
         "split": {
             "by": split_report["by"], "seed": split_report["seed"], "warning": split_report["warning"],
             "counts": {k: len(v) for k, v in parts.items()},
-            "groups": {k: int(frame.loc[frame["split"] == k, "group"].astype(str).nunique()) for k in parts},
+            "groups": {k: counts[k]["patients_or_groups"] for k in parts},
             "leakage_test": split_report["leakage_test"],
         },
-        "data": data_summary(frame),
+        "data": data_summary(frame, audit_json),
         "training": {k: v for k, v in result.items() if k != "history"},
     }
     if decomposition is not None:
@@ -245,47 +252,6 @@ def deployed_decision(
     return {**decision, "gate": gate_card}
 
 
-def training_modality(frame: pd.DataFrame) -> str:
-    """'CT' or 'CXR' when every image of the manifest has that modality, else '' (unknown or mixed).
-    The service routes uploads to a model by it (serve/router.py)."""
-    if "modality" not in frame.columns:
-        return ""
-    values = set(frame["modality"].astype(str).str.strip().str.upper())
-    return values.pop() if len(values) == 1 and values <= {"CT", "CXR"} else ""
-
-
-def data_summary(frame: pd.DataFrame) -> dict[str, object]:
-    """Provenance without patient IDs: images and patients per source, class and split."""
-    counts = frame.groupby(["source", "label"]).size() if "source" in frame.columns else frame.groupby("label").size()
-    patients = frame.loc[frame["patient_id"].astype(str) != "", "patient_id"].astype(str).nunique()
-    summary: dict[str, object] = {
-        "images": int(len(frame)),
-        "patients_known": int(patients),
-        "images_without_patient_id": int((frame["patient_id"].astype(str) == "").sum()),
-        "by_source_and_class": {" / ".join(map(str, k)) if isinstance(k, tuple) else str(k): int(v) for k, v in counts.items()},
-    }
-    summary["modality"] = training_modality(frame)
-    if "split" in frame.columns:
-        summary["by_split"] = {
-            split: {"images": int((frame["split"] == split).sum()),
-                    "patients_or_groups": int(frame.loc[frame["split"] == split, "group" if "group" in frame.columns else "patient_id"].astype(str).nunique())}
-            for split in ("train", "val", "test")
-        }
-    if "source" in frame.columns:
-        from covidscan.data.public_sets import provenance_of
-
-        summary["provenance"] = {
-            source: {"description": description, "uncertain": uncertain}
-            for source in sorted(frame["source"].astype(str).unique()) for description, uncertain in [provenance_of(source)]
-        }
-    if "audit_flags" in frame.columns:
-        flags = frame["audit_flags"].astype(str)
-        summary["audit"] = {"flagged_images": int((flags != "").sum()), "checked": True}
-    else:
-        summary["audit"] = {"checked": False, "note": "manifest was not audited (run `covidscan audit`)"}
-    return summary
-
-
 def publish_run_dir(staging: Path, final: Path) -> Path:
     """Swap a finished staging folder into place; the old run is removed only after the swap."""
     atomic.swap_folder(staging, final)
@@ -302,6 +268,7 @@ def cross_validate(
     folds: int = 5,
     show_progress: bool = True,
     log: Callable[[str], None] = print,
+    audit: bool = True,
 ) -> dict[str, object]:
     """K-fold CV over group folds: fold k is the test part, fold k+1 the validation part.
 
@@ -316,6 +283,7 @@ def cross_validate(
     fold = frame["fold"].astype(int).to_numpy()
     threshold = leakage_threshold(frame, embeddings)
     k_folds = int(fold.max()) + 1
+    findings = audit_once(frame, audit, run_dir, show_progress, log)
     per_fold = []
     for k in range(k_folds):
         part = frame.copy()
@@ -326,7 +294,7 @@ def cross_validate(
             "leakage_test": leakage_report(embeddings, np.flatnonzero(split == "test"), np.flatnonzero(split == "train"), threshold),
         }
         log(f"--- fold {k + 1}/{k_folds} ---")
-        metrics = train_run(part, config, run_dir / f"fold-{k}", show_progress=show_progress, log=log, split_report=report)
+        metrics = train_run(part, config, run_dir / f"fold-{k}", show_progress=show_progress, log=log, split_report=report, audit=findings)
         refused = metrics["evaluation"]["sets"]["in-domain test"]["gate"]["refused"]  # type: ignore[index]
         per_fold.append({**metrics["test"], "refused_by_gate": refused})  # type: ignore[dict-item]
     summary: dict[str, object] = {"folds": k_folds, "per_fold": per_fold}
@@ -344,6 +312,7 @@ def train_ensemble(
     show_progress: bool = True,
     log: Callable[[str], None] = print,
     externals: dict[str, pd.DataFrame] | None = None,
+    audit: bool = True,
 ) -> dict[str, object]:
     """`ensemble.members` in one command: split once, train each backbone into RUN/members/<backbone>, combine.
 
@@ -366,6 +335,7 @@ def train_ensemble(
     save_config(config, run_dir / "config.yaml")  # `covidscan train --resume RUN` continues from here
     save_manifest(frame, run_dir / "manifest.csv")
     quick = load_config(None, QUICK_EVALUATION).evaluate
+    findings = audit_once(frame, audit, run_dir, show_progress, log)
     members = []
     for backbone in backbones:
         member_config = copy.deepcopy(config)
@@ -377,7 +347,7 @@ def train_ensemble(
         member_dir = run_dir / "members" / backbone
         if not (member_dir / "metrics.json").is_file():  # a member finished before an interruption is kept
             resume = (member_dir / "checkpoints" / "last.safetensors").is_file()  # an interrupted one continues exactly
-            train_run(frame, member_config, member_dir, resume=resume, show_progress=show_progress, log=log, split_report=split_report)
+            train_run(frame, member_config, member_dir, resume=resume, show_progress=show_progress, log=log, split_report=split_report, audit=findings)
         members.append(member_dir)
     log(f"--- ensemble ({config.ensemble.method}) ---")
     return build_ensemble(members, run_dir, config.ensemble.method, config.evaluate, show_progress, log, externals)

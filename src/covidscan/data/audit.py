@@ -324,3 +324,44 @@ def drop_flagged(props: pd.DataFrame, kinds: list[str]) -> tuple[pd.DataFrame, d
         counts[kind] = int((hit & ~drop).sum())
         drop |= hit
     return props.loc[~drop].reset_index(drop=True), counts
+
+
+@dataclass(frozen=True)
+class AuditFindings:
+    """What the audit of a training manifest found, as the run's report and model card state it.
+
+    The full audit (every image's properties) is written to the run folder's audit.json; this is its verdict.
+    """
+
+    images: int
+    flagged_images: int
+    warnings: tuple[str, ...]
+    shortcuts: tuple[tuple[str, float, str], ...]  # (property, one-property AUC, class it predicts), warned ones only
+    exact_duplicate_groups: int
+    conflicts: int  # images flagged as duplicates across classes
+    seconds: float
+
+    @classmethod
+    def of(cls, result: AuditResult) -> AuditFindings:
+        summary = result.summary
+        risks = summary.get("shortcut_risks") or []
+        assert isinstance(risks, list)
+        flags = result.properties["audit_flags"].astype(str)
+        return cls(
+            images=int(len(result.properties)),
+            flagged_images=int((flags != "").sum()),
+            warnings=tuple(str(w) for w in summary.get("warnings") or []),  # type: ignore[union-attr]
+            shortcuts=tuple((str(r["property"]), float(r["auc"]), str(r["class"])) for r in risks if r["warning"]),
+            exact_duplicate_groups=len(summary.get("exact_duplicates") or []),  # type: ignore[arg-type]
+            conflicts=int(flags.str.contains("conflict").sum()),
+            seconds=float(summary.get("seconds", 0.0)),  # type: ignore[arg-type]
+        )
+
+    def to_json(self) -> dict[str, object]:
+        return {"checked": True, "images": self.images, "flagged_images": self.flagged_images, "warnings": list(self.warnings),
+                "shortcuts": [{"property": p, "auc": a, "class": c} for p, a, c in self.shortcuts],
+                "exact_duplicate_groups": self.exact_duplicate_groups, "conflicts": self.conflicts, "seconds": self.seconds,
+                "file": "audit.json"}
+
+
+NOT_AUDITED = {"checked": False, "note": "the audit was skipped (--no-audit): shortcuts, duplicates and label conflicts were not checked"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from covidscan import atomic
@@ -84,3 +85,25 @@ def image_refs(frame: pd.DataFrame) -> list[tuple[str, int | None]]:
     """(path, slice index or None) per row: what `read_image` needs."""
     slices = frame["slice_index"].astype(str) if "slice_index" in frame.columns else pd.Series([""] * len(frame))
     return [(str(p), int(float(s)) if s not in ("", "nan") else None) for p, s in zip(frame["path"], slices)]
+
+
+def unit_keys(frame: pd.DataFrame) -> np.ndarray:
+    """Each row's independent unit: its split group, else its patient, else the image itself.
+
+    A split given in the manifest (e.g. UCSD's official lists) has no group column: counting its empty groups
+    would report every part as one patient.
+    """
+    def column(name: str) -> np.ndarray:
+        return frame[name].astype(str).str.strip().to_numpy() if name in frame.columns else np.full(len(frame), "")
+
+    group, patient = column("group"), column("patient_id")
+    image = np.array([f"image-{i}" for i in range(len(frame))], dtype=object)
+    return np.where(group != "", "group:" + group.astype(object), np.where(patient != "", "patient:" + patient.astype(object), image))
+
+
+def part_counts(frame: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """Images and independent units (patients or groups) per split part: the one count the card, report and CLI state."""
+    units = unit_keys(frame)
+    split = frame["split"].astype(str).to_numpy() if "split" in frame.columns else np.full(len(frame), "")
+    return {part: {"images": int((split == part).sum()), "patients_or_groups": int(len(np.unique(units[split == part])))}
+            for part in SPLITS}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -191,15 +192,39 @@ LOADERS: dict[str, Loader] = {
 KINDS = ("auto", "folder", "csv", *LOADERS)
 
 
+# The sarscov2-ct release's fingerprint: its file names and class sizes (1,252 COVID, 1,230 non-COVID as published).
+_SARSCOV2_NAMES = {"COVID": re.compile(r"^Covid \(\d+\)\.png$"), "non-COVID": re.compile(r"^Non-Covid \(\d+\)\.png$")}
+_SARSCOV2_SIZES = {"COVID": 1252, "non-COVID": 1230}
+_FINGERPRINT_SHARE = 0.9  # at least this share of the release's files, all named as released
+
+
+def is_sarscov2_release(root: Path) -> bool:
+    """True only for a folder that holds the sarscov2-ct release itself, not any flat COVID/non-COVID tree.
+
+    A hospital's own set (or another public set) arranged as ROOT/COVID + ROOT/non-COVID is the user's data;
+    calling it the São Paulo release would misreport its source in the report, the t-SNE panel and the model card.
+    """
+    for folder, pattern in _SARSCOV2_NAMES.items():
+        if not (root / folder).is_dir():
+            return False
+        entries = list((root / folder).iterdir())
+        if any(p.is_dir() for p in entries):
+            return False
+        images = [p for p in entries if is_image_file(p)]
+        if len(images) < _FINGERPRINT_SHARE * _SARSCOV2_SIZES[folder] or not all(pattern.match(p.name) for p in images):
+            return False
+    return True
+
+
 def detect_kind(root: Path) -> str:
-    """Guess a source's kind from its layout."""
+    """Guess a source's kind from its layout; a known set only when its files match the release's fingerprint."""
     if root.is_file():
         return "csv"
     if (root / "CT_COVID").is_dir() and (root / "CT_NonCOVID").is_dir():
         return "ucsd-covid-ct"
     if (root / "index.csv").is_file() or ((root / "metadata.csv").is_file() and (root / "images").is_dir()):
         return "ieee8023"
-    if (root / "COVID").is_dir() and (root / "non-COVID").is_dir() and not any(p.is_dir() for p in (root / "COVID").iterdir()):
+    if is_sarscov2_release(root):
         return "sarscov2-ct"
     files = _images(root) if root.is_dir() else []
     if files and sum(bool(_KERMANY.match(f.name)) for f in files) > 0.9 * len(files):
@@ -207,8 +232,14 @@ def detect_kind(root: Path) -> str:
     return "folder"
 
 
-def index_source(root: str | Path, kind: str = "auto", labels: LabelSet | str | None = "binary") -> pd.DataFrame:
-    """Index one source (any kind) into a manifest; single-class sources are allowed here."""
+def index_source(
+    root: str | Path, kind: str = "auto", labels: LabelSet | str | None = "binary", source: str | None = None,
+) -> pd.DataFrame:
+    """Index one source (any kind) into a manifest; single-class sources are allowed here.
+
+    `source`: the name the user gives a set of their own (default: the folder or CSV name). A known public set
+    keeps its own name: naming it otherwise would detach it from its provenance.
+    """
     if isinstance(labels, str):
         labels = LabelSet.parse(labels)
     root = Path(root).expanduser().resolve()
@@ -217,32 +248,123 @@ def index_source(root: str | Path, kind: str = "auto", labels: LabelSet | str | 
     if kind not in KINDS:
         raise DataError(root, f"unknown source kind {kind!r}; choose one of {list(KINDS)}")
     kind = detect_kind(root) if kind == "auto" else kind
+    if source is not None and not source.strip():
+        raise DataError(root, "--source must not be empty")
+    if source is not None and kind in LOADERS:
+        raise DataError(root, f"this is the known set {kind!r}; --source names a set of your own (use --kind folder to index it as yours)")
     if kind == "csv":
-        return index_csv(root, labels)
+        return index_csv(root, labels, source=source)
     if kind == "folder":
-        return index_folder(root, labels, single_class_ok=True)
+        return index_folder(root, labels, source=source, single_class_ok=True)
     return LOADERS[kind](root, labels)
 
 
-def index_sources(roots: list[str | Path], kind: str = "auto", labels: LabelSet | str | None = "binary") -> pd.DataFrame:
+def index_sources(
+    roots: list[str | Path], kind: str = "auto", labels: LabelSet | str | None = "binary", source: str | None = None,
+) -> pd.DataFrame:
     """Index several sources into one manifest: they must hold at least two classes together."""
     if not roots:
         raise DataError("data index", "give at least one data folder or CSV")
-    frames = [index_source(root, kind, labels) for root in roots]
+    frames = [index_source(root, kind, labels, source) for root in roots]
     frame = new_manifest(pd.concat(frames, ignore_index=True).fillna(""))
     return require_two_classes(frame, ", ".join(str(r) for r in roots))
 
 
-# What is known of each source's origin, for the model card (None: not a known set).
-PROVENANCE: dict[str, tuple[str, bool]] = {  # source -> (description, provenance uncertain)
-    "phantom": ("synthetic chest-CT-like images generated by covidscan (no patients)", False),
-    "sarscov2-ct": ("public release of CT slices from hospitals in São Paulo (Soares 2020); PNG without scanner metadata or patient IDs", True),
-    "ucsd-covid-ct": ("CT images cut from figures of published papers (Yang 2020); copyright with the papers' publishers", True),
-    "ieee8023": ("public collection of X-ray/CT images from papers and websites (Cohen 2020)", True),
-    "kermany-normal": ("public paediatric chest X-rays (Kermany 2018)", False),
+@dataclass(frozen=True)
+class SetDescription:
+    """What is known of a data set's origin and reference standard (CLAIM 2024 items 7-9 and 14-17, TRIPOD+AI 6-7).
+
+    Only what the release itself documents; `unknown` says what a reader cannot learn from it.
+    """
+
+    description: str
+    uncertain: bool | None  # provenance uncertain; None: the user's own data (as documented by its owner)
+    label_source: str = "not stated"
+    country: str = "not stated"
+    period: str = "not stated"
+    unknown: str = ""
+    known: bool = True
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+KNOWN_SETS: dict[str, SetDescription] = {
+    "phantom": SetDescription(
+        "synthetic chest-CT-like images generated by covidscan (no patients)", False,
+        label_source="by construction (the generator draws lesions for the COVID class)", country="none (synthetic)",
+        period="generated on demand", unknown="nothing clinical: no patient, scanner or disease is real"),
+    "sarscov2-ct": SetDescription(
+        "public release of CT slices from hospitals in São Paulo (Soares 2020); PNG without scanner metadata or patient IDs", True,
+        label_source="the release's two folders (COVID-19 patients vs patients with other pulmonary findings), as stated by its "
+                     "authors; the confirming test is not given per image",
+        country="Brazil (hospitals in São Paulo)", period="2020 (collection dates not published)",
+        unknown="patient IDs, age, sex, scanner, slice thickness, how slices were chosen from each scan"),
+    "ucsd-covid-ct": SetDescription(
+        "CT images cut from figures of published papers (Yang 2020); copyright with the papers' publishers", True,
+        label_source="COVID: the diagnosis reported by the source paper of each figure; non-COVID: images from other sources "
+                     "gathered by the data set's authors; not verified against RT-PCR per image",
+        country="not recorded per image (papers from several countries)", period="papers published January-April 2020",
+        unknown="age, sex, scanner, window, slice position; images carry figure arrows, letters and borders"),
+    "ieee8023": SetDescription(
+        "public collection of X-ray/CT images from papers and websites (Cohen 2020)", True,
+        label_source="the collection's 'finding' field, taken from the source paper or website",
+        country="many (the metadata's location field, where given)", period="2020",
+        unknown="how each finding was confirmed; acquisition settings; images were re-encoded by their sources"),
+    "kermany-normal": SetDescription(
+        "public paediatric chest X-rays (Kermany 2018)", False,
+        label_source="graded by physicians for the release (Kermany 2018)", country="China (one children's hospital)",
+        period="not stated per image", unknown="these are children: pairing them with adult images lets age decide the class"),
 }
+DEMOGRAPHIC_COLUMNS = ("age", "sex")
 
 
-def provenance_of(source: str) -> tuple[str, bool | None]:
-    """(description, uncertain?) of a source; unknown sources are the user's own data (uncertainty unknown)."""
-    return PROVENANCE.get(source, ("the user's own data set (provenance as documented by its owner)", None))
+def user_set(description: str = "") -> SetDescription:
+    """A set of the user's own: its owner's description, or a statement that none was given."""
+    return SetDescription(
+        description or "the user's own data set (no description given: `covidscan data index --description`)", None,
+        label_source="as documented by the set's owner", known=False,
+        unknown="whatever its owner did not document (label source, period, inclusion criteria)")
+
+
+def describe_source(frame: pd.DataFrame, description: str) -> pd.DataFrame:
+    """The manifest with the user's one-line description of their set (column `source_description`)."""
+    known = sorted(set(frame["source"].astype(str)) & set(KNOWN_SETS))
+    if known:
+        raise DataError("--description", f"{known} are known sets with their own description; describe only sets of your own")
+    if not description.strip():
+        raise DataError("--description", "must not be empty")
+    return frame.assign(source_description=" ".join(description.split()))
+
+
+def set_descriptions(frame: pd.DataFrame) -> dict[str, SetDescription]:
+    """Source name -> what is known of it, for every source of a manifest (known sets, then the user's own)."""
+    if "source" not in frame.columns:
+        return {}
+    given = frame.get("source_description", pd.Series([""] * len(frame), index=frame.index)).astype(str)
+    out: dict[str, SetDescription] = {}
+    for source in sorted(frame["source"].astype(str).unique()):
+        texts = sorted({t for t in given[frame["source"].astype(str) == source] if t.strip()})
+        out[source] = KNOWN_SETS.get(source) or user_set("; ".join(texts))
+    return out
+
+
+def cannot_check(frame: pd.DataFrame) -> str:
+    """What the manifest cannot tell: fairness needs demographic columns."""
+    present = [c for c in DEMOGRAPHIC_COLUMNS if c in frame.columns and (frame[c].astype(str).str.strip() != "").any()]
+    if len(present) == len(DEMOGRAPHIC_COLUMNS):
+        return ""
+    missing = [c for c in DEMOGRAPHIC_COLUMNS if c not in present]
+    return (f"The data carry no {' or '.join(missing)} column: whether the model performs equally across demographic groups "
+            "(fairness) cannot be checked on them.")
+
+
+def describe_set(frame: pd.DataFrame) -> dict[str, object]:
+    """A manifest's data description for a report: each source's origin and reference standard, the columns the
+    manifest carries (for a user's set, that is all a reader can go by) and what cannot be checked."""
+    hidden = {"path", "patient_id", "group", "split", "slice_index", "fold", "source_description"}
+    return {
+        "provenance": {source: d.to_json() for source, d in set_descriptions(frame).items()},
+        "columns": sorted(c for c in frame.columns if c not in hidden and (frame[c].astype(str).str.strip() != "").any()),
+        "cannot_check": cannot_check(frame),
+    }

@@ -10,6 +10,7 @@ from the validation part of the training data set.
 from __future__ import annotations
 
 import math
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -23,6 +24,8 @@ import pandas as pd
 from covidscan import DISCLAIMER, atomic
 from covidscan.atomic import read_json_object
 from covidscan.config import EvaluateConfig
+from covidscan.data.public_sets import describe_set
+from covidscan.data.summary import data_summary
 from covidscan.errors import DataError
 from covidscan.decision import DECISION_SETTINGS, DEFAULT_STUDY_RULE, apply_temperature, choose_study_rule, cross_fitted_temperature, rule_name, study_scores
 from covidscan.evaluate.curves import pr_points, reliability_bins, roc_points
@@ -211,11 +214,13 @@ def score_set(
     temperature = float((card.get("calibration") or {}).get("temperature", 1.0))  # type: ignore[union-attr]
     calibrated = apply_temperature(raw, temperature)
     accepted = np.asarray(distances) <= gate_threshold
+    units = _groups_for_ci(frame)[0]
     gate = {
         "threshold": gate_threshold if math.isfinite(gate_threshold) else None,
         "accepted": int(accepted.sum()), "refused": int((~accepted).sum()),
-        "refusal_rate": clustered_proportion(~accepted, _groups_for_ci(frame)[0]) if len(frame) else {},
+        "refusal_rate": clustered_proportion(~accepted, units) if len(frame) else {},
         "refused_by_class": {c: int((~accepted & (labels == i)).sum()) for i, c in enumerate(classes)},
+        "units": int(len(np.unique(units))), "accepted_units": int(len(np.unique(units[accepted]))),
     }
     if len(classes) > 2:
         groups = _groups_for_ci(frame)[0]
@@ -230,16 +235,111 @@ def score_set(
     return result
 
 
-def gallery_picks(y: np.ndarray, score: np.ndarray, threshold: float, per_cell: int) -> dict[str, list[int]]:
-    """Indices of the most confident TP/FN/FP/TN cases (confident errors teach the most)."""
+def gallery_picks(y: np.ndarray, score: np.ndarray, threshold: float, per_cell: int, units: np.ndarray | None = None) -> dict[str, list[int]]:
+    """Indices of the most confident TP/FN/FP/TN cases (confident errors teach the most), at most one per patient or
+    group in a cell: three neighbouring slices of one patient would show one case three times."""
     pred = score >= threshold
     cells = {"TP": y & pred, "FN": y & ~pred, "FP": ~y & pred, "TN": ~y & ~pred}
+    units = np.arange(len(y)).astype(str) if units is None else np.asarray(units)
     picks = {}
     for name, mask in cells.items():
         index = np.flatnonzero(mask)
         confidence = np.abs(score[index] - threshold)
-        picks[name] = [int(i) for i in index[np.argsort(-confidence, kind="stable")][:per_cell]]
+        chosen: list[int] = []
+        seen: set[str] = set()
+        for i in index[np.argsort(-confidence, kind="stable")]:
+            if len(chosen) == per_cell:
+                break
+            if str(units[i]) not in seen:
+                seen.add(str(units[i]))
+                chosen.append(int(i))
+        picks[name] = chosen
     return picks
+
+
+# An external set is evaluable with a model only when its gate accepts at least this share of the images and this
+# many patients or groups: figures on a sliver the gate let through describe the sliver, not the hospital.
+EVALUABLE_SHARE = 0.5
+EVALUABLE_UNITS = 10
+
+
+def evaluability(gate: dict[str, object]) -> dict[str, object]:
+    """Whether a set's gated figures may be read as the model's performance on it, and why not."""
+    accepted, refused = int(gate["accepted"]), int(gate["refused"])  # type: ignore[call-overload]
+    total = accepted + refused
+    share = accepted / total if total else 0.0
+    reasons = []
+    if share < EVALUABLE_SHARE:
+        reasons.append(f"the gate accepted {accepted} of {total} images ({share:.0%}; at least {EVALUABLE_SHARE:.0%} needed)")
+    units = int(gate.get("accepted_units", accepted))  # type: ignore[call-overload]
+    if units < EVALUABLE_UNITS:
+        reasons.append(f"only {units} patients or groups accepted (at least {EVALUABLE_UNITS} needed)")
+    return {"evaluable": not reasons, "accepted_share": share, "reasons": reasons,
+            "rule": f"evaluable when the gate accepts at least {EVALUABLE_SHARE:.0%} of the images and {EVALUABLE_UNITS} patients or groups"}
+
+
+def gate_check(gate: dict[str, object]) -> dict[str, object]:
+    """In-domain, the gate should refuse about its target share (1 - its validation quantile); above it beyond the CI,
+    the gate refuses the model's own kind of images and is miscalibrated."""
+    from covidscan.gate import GATE_QUANTILE
+
+    target = 1.0 - GATE_QUANTILE
+    rate = gate.get("refusal_rate") or {}
+    assert isinstance(rate, dict)
+    low = float(rate.get("low", math.nan))
+    return {"target": target, "refusal_rate": rate.get("value"), "ci_low": low,
+            "miscalibrated": bool(math.isfinite(low) and low > target)}
+
+
+WORST_UNITS = 10  # patients or groups listed in the error analysis
+CONFIDENT_ERRORS = 12  # most confident wrong slices listed
+WRONG_SLICES_PER_UNIT = 3
+
+
+def _display_unit(unit: str, unit_name: str) -> str:
+    """A patient as a keyed hash (a folder name may be a record number; a patient split's groups are patient IDs);
+    similarity clusters and single images as they are."""
+    from covidscan.data.pseudonym import patient_key
+
+    if unit_name.startswith("images") or re.fullmatch(r"(cluster|image)-\d+", unit):
+        return unit
+    return patient_key(unit)
+
+
+def _slice_name(row: pd.Series) -> str:
+    name = Path(str(row["path"])).name
+    index = str(row.get("slice_index", "")).strip()
+    return f"{name} [slice {int(float(index))}]" if index not in ("", "nan") else name
+
+
+def error_analysis(frame: pd.DataFrame, y: np.ndarray, score: np.ndarray, classes: list[str], threshold: float = 0.5) -> dict[str, object]:
+    """Where the errors concentrate (images the gate accepted, threshold 0.5): the patients or groups with the most wrong
+    slices, each with its most confident wrong slices, and the most confident wrong slices of the set."""
+    units, unit_name = _groups_for_ci(frame)
+    wrong = (score >= threshold) != y
+    confidence = np.abs(score - threshold)
+    worst = []
+    if wrong.any():
+        table = pd.DataFrame({"unit": units, "wrong": wrong, "y": y})
+        per = table.groupby("unit").agg(images=("wrong", "size"), errors=("wrong", "sum"), positive=("y", "mean"))
+        per["share"] = per["errors"] / per["images"]
+        per = per[per["errors"] > 0].sort_values(["errors", "share"], ascending=False, kind="stable").head(WORST_UNITS)
+        for unit, row in per.iterrows():
+            index = np.flatnonzero((units == unit) & wrong)
+            index = index[np.argsort(-confidence[index], kind="stable")][:WRONG_SLICES_PER_UNIT]
+            worst.append({
+                "unit": _display_unit(str(unit), unit_name), "true": classes[1] if row["positive"] >= 0.5 else classes[0],
+                "images": int(row["images"]), "errors": int(row["errors"]), "share": float(row["share"]),
+                "wrong_slices": [{"image": _slice_name(frame.iloc[i]), "p_positive": float(score[i])} for i in index],
+            })
+    index = np.flatnonzero(wrong)
+    index = index[np.argsort(-confidence[index], kind="stable")][:CONFIDENT_ERRORS]
+    confident = [{"image": _slice_name(frame.iloc[i]), "true": classes[int(y[i])], "p_positive": float(score[i]),
+                  "unit": _display_unit(str(units[i]), unit_name)} for i in index]
+    listed = sum(int(w["errors"]) for w in worst)  # type: ignore[call-overload]
+    return {"threshold": threshold, "unit": unit_name, "images": int(len(y)), "errors": int(wrong.sum()),
+            "units_with_errors": int(len(np.unique(units[wrong]))), "units": int(len(np.unique(units))),
+            "errors_in_listed": listed, "worst": worst, "confident_errors": confident}
 
 
 def slug(name: str) -> str:
@@ -260,7 +360,7 @@ def explain_set(
     from covidscan.explain.lung_mask import energy_inside, lung_mask
     from covidscan.explain.overlay import overlay, png_bytes
 
-    picks = gallery_picks(y, score, 0.5, cfg.gallery_per_cell)
+    picks = gallery_picks(y, score, 0.5, cfg.gallery_per_cell, _groups_for_ci(frame)[0])
     rng = np.random.default_rng(seed)
     sample = rng.choice(len(images), size=min(cfg.plausibility_images, len(images)), replace=False) if len(images) else np.array([], int)
     chosen = sorted({i for cell in picks.values() for i in cell} | {int(i) for i in sample})
@@ -444,6 +544,11 @@ def evaluate_run(
     for path in sorted((run_dir / "external").glob("*.csv")):
         sets[path.stem] = load_manifest(path)
     metrics = dict(metrics) if metrics is not None else read_json_object(run_dir / "metrics.json")
+    recorded = metrics.get("data") or {}
+    assert isinstance(recorded, dict)
+    # Counts and descriptions from the run's own manifest (a run evaluated again gets today's data description);
+    # the audit's verdict is the one made at training time.
+    metrics["data"] = data_summary(frame, recorded.get("audit"))  # type: ignore[arg-type]
     evaluation: dict[str, object] = {
         "calibration": card.get("calibration"), "study_rule": card.get("study_rule"), "gate": card.get("gate"),
         "tta": bool(card.get("tta", False)), "prevalence": cfg.prevalence, "sets": {},
@@ -480,7 +585,17 @@ def evaluate_run(
             if name == IN_DOMAIN:
                 atomic.write_with(run_dir / "test_predictions.csv", lambda tmp: predictions.to_csv(tmp, index=False))
             result["kind"] = "in-domain" if name == IN_DOMAIN else "external"
+            gate = result["gate"]
+            assert isinstance(gate, dict)
+            if name == IN_DOMAIN:
+                result["gate_check"] = gate_check(gate)
+            else:
+                result["evaluable"] = evaluability(gate)
+            if len(classes) == 2:
+                accepted = distances <= predictor.gate_threshold
+                result["errors"] = error_analysis(part[accepted].reset_index(drop=True), y[accepted], score[accepted], classes)
             result["sources"] = sorted(part["source"].astype(str).unique()) if "source" in part.columns else []
+            result["description"] = describe_set(part)
             if name != IN_DOMAIN:
                 with timer("overlap with training images (embeddings reused)"):
                     result["training_duplicates"] = training_duplicates(run_dir, frame, name, part, show)
@@ -526,6 +641,14 @@ def set_summary(name: str, result: dict[str, object]) -> str:
     gate, m, ci = result.get("gate") or {}, result["metrics"], result.get("ci") or {}
     assert isinstance(gate, dict) and isinstance(m, dict) and isinstance(ci, dict)
     parts = [f"{name}: {result['n']} images accepted, {gate.get('refused', 0)} refused by the gate"]
+    evaluable = result.get("evaluable") or {}
+    assert isinstance(evaluable, dict)
+    if result.get("kind") == "external" and evaluable.get("evaluable") is False:
+        everything = result.get("all_images") or {}
+        assert isinstance(everything, dict)
+        all_auc = (everything.get("metrics") or {}).get("auc", math.nan)  # type: ignore[union-attr]
+        return (f"{name}: NOT EVALUABLE with this model: {'; '.join(evaluable['reasons'])}"  # type: ignore[arg-type]
+                f"; ungated slice AUC on all {everything.get('n', '?')} images {_with_ci(all_auc, (everything.get('ci') or {}).get('auc'))}")  # type: ignore[union-attr]
     if "auc" in m:
         parts.append(f"slices AUC {_with_ci(m['auc'], ci.get('auc'))}")
     patient = result.get("patient_level") or {}

@@ -281,7 +281,12 @@ def _set_section(name: str, result: dict[str, object], classes: list[str], run_d
                 "<table><tr><th>Class (one vs rest)</th><th>Precision</th><th>Sensitivity</th><th>Specificity</th><th>F1</th><th>AUC [95 % CI]</th></tr>"
                 f"{rows}</table></section>")
     negative, positive = classes[0], classes[-1]
-    parts = [head, _gate_html(result), _duplicates_html(result.get("training_duplicates")), _accepted_vs_all(result)]
+    parts = [head, _description_html(result.get("description")), _gate_html(result)]
+    if not _evaluable(result):
+        parts.append(f'<p class="warn not-evaluable"><strong>Not evaluable with this model</strong>: '
+                     f'{_e("; ".join(result["evaluable"]["reasons"]))} ({_e(result["evaluable"]["rule"])}). '  # type: ignore[index]
+                     "The figures below describe only the images the gate let through, not the model on this set.</p>")
+    parts += [_duplicates_html(result.get("training_duplicates")), _accepted_vs_all(result)]
     if result.get("reference_standard"):
         parts.append("<p>Reference standard: " + ", ".join(f"{_e(k)} ({v} images)" for k, v in result["reference_standard"].items()) + ".</p>")  # type: ignore[union-attr]
     if not result["n"]:
@@ -321,9 +326,51 @@ def _set_section(name: str, result: dict[str, object], classes: list[str], run_d
                      + "</table>")
     else:
         parts.append(f"<p>Study level: {_e(patient.get('note', 'not computed'))}.</p>")
+    parts.append(_errors_html(result.get("errors")))
     parts.append(_gallery(result.get("explain"), run_dir))  # type: ignore[arg-type]
     parts.append("</section>")
     return "".join(parts)
+
+
+def _errors_html(errors: object) -> str:
+    """Error analysis: whether the errors are spread or sit in a few patients, and the most confident wrong slices."""
+    if not isinstance(errors, dict):
+        return ""
+    if not errors["errors"]:
+        return f"<h4>Error analysis</h4><p>No wrong slice at threshold {_fmt(errors['threshold'])} among the {errors['images']} accepted images.</p>"
+    unit = "patient" if errors["unit"] == "patients" else "group" if errors["unit"] == "split groups" else "image"
+    def wrong_slices(w: dict[str, object]) -> str:
+        return "; ".join(f"{x['image']} ({x['p_positive']:.2f})" for x in w["wrong_slices"])  # type: ignore[attr-defined]
+
+    worst = "".join(
+        f"<tr><td>{_e(w['unit'])}</td><td>{_e(w['true'])}</td><td>{w['images']}</td><td>{w['errors']}</td><td>{w['share']:.0%}</td>"
+        f"<td>{_e(wrong_slices(w))}</td></tr>" for w in errors["worst"])
+    confident = "".join(f"<tr><td>{_e(c['image'])}</td><td>{_e(c['true'])}</td><td>{c['p_positive']:.3f}</td><td>{_e(c['unit'])}</td></tr>"
+                        for c in errors["confident_errors"])
+    return (f'<h4 id="errors">Error analysis ({errors["errors"]} wrong of {errors["images"]} accepted images at threshold {_fmt(errors["threshold"])})</h4>'
+            f"<p>The errors fall in {errors['units_with_errors']} of {errors['units']} {_e(errors['unit'])}; the {len(errors['worst'])} "
+            f"{unit}s below hold {errors['errors_in_listed']} of them ({errors['errors_in_listed'] / errors['errors']:.0%}). "
+            "Errors concentrated in a few patients say more about those patients (or their labels) than about the model's rate of error.</p>"
+            f'<table class="text"><tr><th>{unit.capitalize()} (keyed)</th><th>True class</th><th>Images</th><th>Wrong</th><th>Share wrong</th>'
+            f"<th>Its most confident wrong slices (P(COVID))</th></tr>{worst}</table>"
+            f'<table class="text"><caption>Most confident wrong slices</caption><tr><th>Image</th><th>True class</th><th>P(positive class)</th>'
+            f"<th>{unit.capitalize()}</th></tr>{confident}</table>")
+
+
+def _description_html(description: object) -> str:
+    """What a set is: each source's origin and reference standard (known sets) or its owner's description and columns."""
+    if not isinstance(description, dict):
+        return ""
+    provenance = description.get("provenance") or {}
+    assert isinstance(provenance, dict)
+    rows = "".join(
+        f"<tr><td>{_e(source)}</td><td>{_e(d['description'])}</td><td>{_e(d['label_source'])}</td><td>{_e(d['country'])}</td>"
+        f"<td>{_e(d['period'])}</td><td>{_e(d['unknown'])}</td></tr>" for source, d in provenance.items())
+    columns = ", ".join(str(c) for c in description.get("columns") or [])  # type: ignore[union-attr]
+    return ('<table class="text data-description"><tr><th>Source</th><th>Origin</th><th>Reference standard (label source)</th>'
+            f"<th>Country</th><th>Period</th><th>Not known</th></tr>{rows}</table>"
+            + (f"<p><small>Manifest columns: {_e(columns)}.</small></p>" if columns else "")
+            + (f"<p>{_e(description['cannot_check'])}</p>" if description.get("cannot_check") else ""))
 
 
 def _colour_scale() -> str:
@@ -442,11 +489,33 @@ def _methods_html(card: dict[str, object], training: dict[str, object], config: 
     return f'<h3>Methods against a change of hospital</h3><table class="text" id="methods">{body}</table>'
 
 
-def _provenance_html(data: dict[str, object]) -> str:
-    provenance = data.get("provenance") or {}
-    assert isinstance(provenance, dict)
-    rows = "".join(f"<tr><td>{_e(source)}</td><td>{_e(p['description'])}</td></tr>" for source, p in provenance.items())
-    return f'<table class="text"><tr><th>Source</th><th>Origin</th></tr>{rows}</table>' if rows else ""
+def _audit_html(audit: object) -> str:
+    """The data audit made before training: its warnings (shortcuts, duplicates, conflicts), or that it was skipped."""
+    if not isinstance(audit, dict) or not audit.get("checked"):
+        note = audit.get("note", "No audit information.") if isinstance(audit, dict) else "No audit information."
+        return f'<p class="warn" id="audit">{_e(note)}</p>'
+    warnings = audit.get("warnings") or []
+    assert isinstance(warnings, list)
+    head = (f"<strong>Data audit</strong> (before training, {_fmt(float(audit.get('seconds', 0.0)))} s; RUN/{_e(audit.get('file', 'audit.json'))}): "  # type: ignore[arg-type]
+            f"{audit['flagged_images']} of {audit['images']} images flagged, {audit['exact_duplicate_groups']} groups of identical images, "
+            f"{audit['conflicts']} images duplicated across classes.")
+    if not warnings:
+        return f'<p class="note" id="audit">{head} No shortcut risk or label conflict found.</p>'
+    return f'<div class="warn" id="audit"><p>{head}</p><ul>' + "".join(f"<li>{_e(w)}</li>" for w in warnings) + "</ul></div>"
+
+
+def _split_line(split: dict[str, object]) -> str:
+    if split.get("by") == "given in the manifest":
+        return "By <strong>the split given in the manifest</strong> (its split column, e.g. a data set's official lists)"
+    return f"By <strong>{_e(split['by'])}</strong> (seed {_e(split['seed'])})"
+
+
+def _units_line(data: dict[str, object]) -> str:
+    by_split = data.get("by_split") or {}
+    assert isinstance(by_split, dict)
+    if not by_split:
+        return ""
+    return "; patients or groups: " + ", ".join(f"{part} {by_split[part]['patients_or_groups']}" for part in ("train", "val", "test") if part in by_split)
 
 
 def _backbone_line(metrics: dict[str, object], config: RunConfig) -> str:
@@ -487,8 +556,37 @@ def _model_card_html(
     if small:
         limitations.append(f"fewer than 30 patients per class in {_e(', '.join(small))}: wide intervals")
     limitations.append("heat maps show where the model looked, not where disease is")
+    audit = data.get("audit") or {}
+    assert isinstance(audit, dict)
+    for shortcut in audit.get("shortcuts") or []:  # type: ignore[union-attr]
+        limitations.append(f"the data audit found a shortcut: the file property '{_e(shortcut['property'])}' alone separates "
+                           f"the classes (AUC {float(shortcut['auc']):.2f}); the model may have learnt it instead of the disease")
+    if audit.get("conflicts"):
+        limitations.append(f"{audit['conflicts']} training images are duplicates across classes (label conflicts)")
+    if not audit.get("checked"):
+        limitations.append("the training data were not audited for shortcuts and duplicates")
+    home = next((r for r in sets.values() if r.get("kind") == "in-domain"), None)
+    if isinstance(home, dict) and (home.get("gate_check") or {}).get("miscalibrated"):  # type: ignore[union-attr]
+        limitations.append("the input gate refuses more in-domain images than it was set for (miscalibrated)")
+    for name in externals:
+        gate = sets[name].get("gate") or {}
+        assert isinstance(gate, dict)
+        limitations.append(f"the input gate refused {_refused(gate)} of {_e(name)}'s images"
+                           + ("; that set is not evaluable with this model" if not _evaluable(sets[name]) else ""))
+    if data.get("cannot_check"):
+        limitations.append("no age or sex recorded: fairness across demographic groups cannot be checked")
     if externals:
-        external_line = (f"Measured on {len(externals)} external set(s) ({_e(', '.join(externals))}): see the summary. "
+        lines = []
+        for name in externals:
+            result = sets[name]
+            gate = result.get("gate") or {}
+            assert isinstance(gate, dict)
+            if _evaluable(result):
+                auc = float(result["metrics"].get("auc", math.nan))  # type: ignore[union-attr]
+                lines.append(f"{_e(name)}: slice AUC {_fmt(auc)} on the accepted images, {_refused(gate)} refused by the gate")
+            else:
+                lines.append(f"{_e(name)}: not evaluable with this model ({_refused(gate)} of its images refused by the gate)")
+        external_line = (f"Measured on {len(externals)} external set(s): {'; '.join(lines)}. "
                          + ("One external set cannot say how the model will do in another hospital." if len(externals) == 1 else
                             "Their spread, not any one of them, is the best guide to another hospital."))
     else:
@@ -505,6 +603,52 @@ def _model_card_html(
         f"<tr><td>External results</td><td>{external_line}</td></tr>"
         f"<tr><td>Limitations</td><td>{'; '.join(limitations)}.</td></tr></table></section>"
     )
+
+
+def _evaluable(result: dict[str, object]) -> bool:
+    evaluable = result.get("evaluable")
+    return not isinstance(evaluable, dict) or evaluable.get("evaluable") is not False
+
+
+def _refused(gate: dict[str, object]) -> str:
+    """Refusals with their share: the headline of a set the gate mostly refuses."""
+    total = int(gate.get("accepted", 0)) + int(gate.get("refused", 0))  # type: ignore[call-overload]
+    refused = int(gate.get("refused", 0))  # type: ignore[call-overload]
+    return f"{refused} ({refused / total:.0%})" if total else str(refused)
+
+
+def _miscalibrated(check: dict[str, object]) -> str:
+    return (f"The input gate is miscalibrated: it refused {float(check['refusal_rate']):.1%} of the in-domain test images "  # type: ignore[arg-type]
+            f"(95% CI from {float(check['ci_low']):.1%}), above its target of {float(check['target']):.1%} "  # type: ignore[arg-type]
+            "(the validation quantile it was set at). It refuses images of the very kind the model was trained on; "
+            "refusal rates elsewhere in this report overstate how unfamiliar those images are.")
+
+
+def _verdict(name: str, result: dict[str, object], home: dict[str, object] | None) -> str:
+    """One external set against in-domain: a gain or loss only where the set is evaluable; else its refusal rate."""
+    gate = result.get("gate") or {}
+    assert isinstance(gate, dict)
+    if not _evaluable(result):
+        everything = result.get("all_images") or {}
+        assert isinstance(everything, dict)
+        all_auc = float((everything.get("metrics") or {}).get("auc", math.nan))  # type: ignore[union-attr]
+        return (f"<strong>{_e(name)}</strong> is <strong>not evaluable with this model</strong>: the gate refused {_refused(gate)} "
+                f"of its {int(gate.get('accepted', 0)) + int(gate.get('refused', 0))} images; "  # type: ignore[call-overload]
+                + _e("; ".join(result["evaluable"]["reasons"]))  # type: ignore[index]
+                + ". Figures on the few accepted images are no measure of the model on this set"
+                + (f"; on all its images (ungated) the slice AUC is {_fmt(all_auc)}." if not math.isnan(all_auc) else "."))
+    m, ci = result["metrics"], result.get("ci", {})
+    assert isinstance(m, dict)
+    if home is None or "auc" not in m or "auc" not in home["metrics"]:  # type: ignore[operator]
+        return ""
+    auc, home_auc = float(m["auc"]), float(home["metrics"]["auc"])  # type: ignore[index]
+    if math.isnan(auc) or math.isnan(home_auc):
+        return ""
+    chance = isinstance(ci, dict) and "auc" in ci and ci["auc"]["low"] <= 0.5 <= ci["auc"]["high"]
+    accepted = f" on the {gate.get('accepted')} images the gate accepted ({_refused(gate)} refused)" if gate.get("refused") else ""
+    return (f"On <strong>{_e(name)}</strong> the slice AUC is {_fmt(auc)}{accepted} against {_fmt(home_auc)} in-domain "
+            f"({(auc - home_auc) * 100:+.1f} points)"
+            + ("; its 95% CI includes 0.5: <strong>no better than chance</strong> on these images." if chance else "."))
 
 
 def write_report(
@@ -532,35 +676,26 @@ def write_report(
         patient = r.get("patient_level") or {}
         assert isinstance(gate, dict) and isinstance(patient, dict)
         total = int(gate.get("accepted", r["n"])) + int(gate.get("refused", 0))
-        summary_rows += (
-            f'<tr class="{"external" if r.get("kind") == "external" else ""}"><td>{_e(name)}</td><td>{_e(r.get("kind"))}</td><td>{total}</td>'
-            f'<td>{gate.get("refused", 0)}</td>' + cell(r, "auc") + cell(r.get("all_images"), "auc")  # type: ignore[arg-type]
-            + f'<td>{patient.get("patients", "n/a")}</td>' + "".join(cell(patient, k) for k in ("sensitivity", "specificity", "auc")) + "</tr>"
-        )
+        row = f'<tr class="{"external" if r.get("kind") == "external" else ""}"><td>{_e(name)}</td><td>{_e(r.get("kind"))}</td><td>{total}</td><td>{_refused(gate)}</td>'
+        if _evaluable(r):
+            row += cell(r, "auc") + cell(r.get("all_images"), "auc")  # type: ignore[arg-type]
+            row += f'<td>{patient.get("patients", "n/a")}</td>' + "".join(cell(patient, k) for k in ("sensitivity", "specificity", "auc"))
+        else:
+            row += ('<td class="not-evaluable">not evaluable</td>' + cell(r.get("all_images"), "auc")  # type: ignore[arg-type]
+                    + '<td colspan="4">not evaluable with this model: ' + _e("; ".join(r["evaluable"]["reasons"])) + "</td>")  # type: ignore[index]
+        summary_rows += row + "</tr>"
     externals = [n for n, r in sets.items() if r.get("kind") == "external"]
-    verdicts = []
     home = next((r for r in sets.values() if r.get("kind") == "in-domain"), None)
-    for name in externals:
-        m, ci = sets[name]["metrics"], sets[name].get("ci", {})
-        if home is None or "auc" not in m or "auc" not in home["metrics"]:  # type: ignore[operator]
-            continue
-        auc, home_auc = float(m["auc"]), float(home["metrics"]["auc"])  # type: ignore[index]
-        if math.isnan(auc) or math.isnan(home_auc):
-            continue
-        chance = isinstance(ci, dict) and "auc" in ci and ci["auc"]["low"] <= 0.5 <= ci["auc"]["high"]
-        gate = sets[name].get("gate") or {}
-        refused = f" after the gate refused {gate.get('refused')} of its images" if isinstance(gate, dict) and gate.get("refused") else ""
-        verdicts.append(
-            f"On <strong>{_e(name)}</strong> the slice AUC is {_fmt(auc)}{refused} against {_fmt(home_auc)} in-domain "
-            f"({(auc - home_auc) * 100:+.1f} points)" + ("; its 95% CI includes 0.5: <strong>no better than chance</strong> on these images." if chance else ".")
-        )
-    verdict_html = f'<p class="warn">{" ".join(verdicts)}</p>' if verdicts else ""
+    verdicts = [_verdict(name, sets[name], home) for name in externals]
+    verdict_html = f'<p class="warn">{" ".join(v for v in verdicts if v)}</p>' if any(verdicts) else ""
+    gate_check = (home or {}).get("gate_check") or {}
+    assert isinstance(gate_check, dict)
+    if gate_check.get("miscalibrated"):
+        verdict_html += f'<p class="warn" id="gate-miscalibrated">{_e(_miscalibrated(gate_check))}</p>'
     data = metrics.get("data", {})
     assert isinstance(data, dict)
     provenance = "".join(f"<tr><td>{_e(k)}</td><td>{v}</td></tr>" for k, v in data.get("by_source_and_class", {}).items())
-    audit = data.get("audit", {})
-    audit_line = (f"Audited: {audit.get('flagged_images')} images carry audit flags (see the audit report)."
-                  if audit.get("checked") else _e(audit.get("note", "No audit information.")))
+    audit_html = _audit_html(data.get("audit"))
     tsne = evaluation.get("tsne", {})
     tsne_html = ""
     if run_dir is not None and isinstance(tsne, dict) and (run_dir / str(tsne.get("file", ""))).is_file():
@@ -588,9 +723,9 @@ Study figures use the study rule and threshold below, one answer per patient.</p
 {_deployed_html(evaluation)}
 <section id="provenance"><h2>Data provenance</h2><p>{data.get('images', '?')} images, {data.get('patients_known', '?')} known patients,
 {data.get('images_without_patient_id', '?')} images without a patient ID.</p>
-<table><tr><th>Source / class</th><th>Images</th></tr>{provenance}</table>{_provenance_html(data)}<p>{audit_line}</p></section>
-<section id="split"><h2>Split protocol</h2><p>By <strong>{_e(split['by'])}</strong> (seed {split['seed']}): no group (patient or similarity cluster) appears in more than one part.
-Images: train {counts.get('train')}, validation {counts.get('val')}, test {counts.get('test')}.
+<table><tr><th>Source / class</th><th>Images</th></tr>{provenance}</table>{_description_html(data)}{audit_html}</section>
+<section id="split"><h2>Split protocol</h2><p>{_split_line(split)}: no group (patient or similarity cluster) appears in more than one part.
+Images: train {counts.get('train')}, validation {counts.get('val')}, test {counts.get('test')}{_units_line(data)}.
 Model selection, early stopping, calibration, operating points, study rule and gate threshold used the training and validation parts only.</p>
 {_leakage_html(split)}</section>
 <section id="details"><h2>Results per evaluation set</h2>{"".join(_set_section(n, r, classes, run_dir, i) for i, (n, r) in enumerate(sets.items()))}</section>
