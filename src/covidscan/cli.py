@@ -394,6 +394,7 @@ def cv_command(
     config: Annotated[Optional[Path], typer.Option(help="YAML config.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override, e.g. --set train.epochs=5 (repeatable).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    no_audit: Annotated[bool, typer.Option("--no-audit", help="Skip the data audit made once before the folds.")] = False,
 ) -> None:
     """K-fold cross-validation over group folds; reports mean ± SD of the test metrics."""
     from covidscan.config import load_config
@@ -405,7 +406,7 @@ def cv_command(
     cfg = load_config(config, set_)
     if cfg.ensemble.members:
         raise CovidscanError("cv trains one network per fold; drop ensemble.members (cross-validate each backbone, then combine with `covidscan ensemble`)")
-    summary = cross_validate(load_manifest(manifest), cfg, out, folds, not quiet, _log)
+    summary = cross_validate(load_manifest(manifest), cfg, out, folds, not quiet, _log, audit=not no_audit)
     shown = ", ".join(f"{k} {summary[k]['mean']:.3f} ± {summary[k]['sd']:.3f}" for k in CV_METRICS)  # type: ignore[index]
     _log(f"{summary['folds']}-fold CV (mean ± SD over folds): {shown}\n-> {out / 'cv.json'}")
 

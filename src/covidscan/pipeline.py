@@ -18,7 +18,7 @@ from covidscan.config import RunConfig, save_config
 from covidscan.data.audit import AuditFindings
 from covidscan.data.io import load_image_array
 from covidscan.data.manifest import class_names, image_refs, part_counts, save_manifest
-from covidscan.data.summary import audit_once, data_summary, training_audit, training_modality
+from covidscan.data.summary import audit_training_data, data_summary, training_audit, training_modality
 from covidscan.data.split import leakage_report, leakage_threshold, split_manifest
 from covidscan.data.transforms import Normaliser
 from covidscan.errors import ConfigError, DataError
@@ -283,7 +283,7 @@ def cross_validate(
     fold = frame["fold"].astype(int).to_numpy()
     threshold = leakage_threshold(frame, embeddings)
     k_folds = int(fold.max()) + 1
-    findings = audit_once(frame, audit, run_dir, show_progress, log)
+    findings: AuditFindings | bool = audit_training_data(frame, run_dir, show_progress, log) if audit else False
     per_fold = []
     for k in range(k_folds):
         part = frame.copy()
@@ -335,7 +335,7 @@ def train_ensemble(
     save_config(config, run_dir / "config.yaml")  # `covidscan train --resume RUN` continues from here
     save_manifest(frame, run_dir / "manifest.csv")
     quick = load_config(None, QUICK_EVALUATION).evaluate
-    findings = audit_once(frame, audit, run_dir, show_progress, log)
+    findings: AuditFindings | bool = audit_training_data(frame, run_dir, show_progress, log) if audit else False
     members = []
     for backbone in backbones:
         member_config = copy.deepcopy(config)

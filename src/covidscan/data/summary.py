@@ -22,36 +22,30 @@ def training_modality(frame: pd.DataFrame) -> str:
     return values.pop() if len(values) == 1 and values <= {"CT", "CXR"} else ""
 
 
-def training_audit(frame: pd.DataFrame, audit: AuditFindings | bool, run_dir: Path, show: bool, log: Callable[[str], None]) -> dict[str, object]:
-    """The data audit's verdict on a training manifest (shortcuts, duplicates, label conflicts), made before training.
+def audit_training_data(frame: pd.DataFrame, run_dir: Path, show: bool, log: Callable[[str], None]) -> AuditFindings:
+    """The data audit of a training manifest (shortcuts, duplicates, label conflicts), made before training.
 
     Every image is read once (9 s for sarscov2-ct's 2,481 slices on 2 cores, BENCHMARKS.md), against minutes of
     training, so the whole audit runs; its summary is written to RUN/audit.json.
     """
-    if audit is False:
-        log("data audit skipped (--no-audit)")
-        return dict(NOT_AUDITED)
-    if isinstance(audit, AuditFindings):
-        return audit.to_json()
     result = run_audit(frame, show=show)
+    run_dir.mkdir(parents=True, exist_ok=True)
     atomic.write_json(run_dir / "audit.json", result.summary)
     findings = AuditFindings.of(result)
     log(f"data audit: {findings.flagged_images} of {findings.images} images flagged, {len(findings.warnings)} warning(s) ({findings.seconds:.1f} s)")
     for warning in findings.warnings:
         log(f"  audit: {warning}")
-    return findings.to_json()
-
-
-def audit_once(frame: pd.DataFrame, audit: bool, run_dir: Path, show: bool, log: Callable[[str], None]) -> AuditFindings | bool:
-    """For several runs on one manifest (folds, ensemble members): audit once, hand the findings to each run."""
-    if not audit:
-        return False
-    run_dir.mkdir(parents=True, exist_ok=True)
-    result = run_audit(frame, show=show)
-    atomic.write_json(run_dir / "audit.json", result.summary)
-    findings = AuditFindings.of(result)
-    log(f"data audit: {findings.flagged_images} of {findings.images} images flagged, {len(findings.warnings)} warning(s)")
     return findings
+
+
+def training_audit(frame: pd.DataFrame, audit: AuditFindings | bool, run_dir: Path, show: bool, log: Callable[[str], None]) -> dict[str, object]:
+    """The audit's verdict as metrics.json and the model card record it: run now (True), skipped (False, stated),
+    or the findings of an audit made once for several runs (folds, ensemble members)."""
+    if audit is False:
+        log("data audit skipped (--no-audit)")
+        return dict(NOT_AUDITED)
+    findings = audit if isinstance(audit, AuditFindings) else audit_training_data(frame, run_dir, show, log)
+    return findings.to_json()
 
 
 def data_summary(frame: pd.DataFrame, audit: dict[str, object] | None = None) -> dict[str, object]:

@@ -569,6 +569,8 @@ def _model_card_html(
     if isinstance(home, dict) and (home.get("gate_check") or {}).get("miscalibrated"):  # type: ignore[union-attr]
         limitations.append("the input gate refuses more in-domain images than it was set for (miscalibrated)")
     for name in externals:
+        if name not in sets:
+            continue
         gate = sets[name].get("gate") or {}
         assert isinstance(gate, dict)
         limitations.append(f"the input gate refused {_refused(gate)} of {_e(name)}'s images"
@@ -578,7 +580,10 @@ def _model_card_html(
     if externals:
         lines = []
         for name in externals:
-            result = sets[name]
+            result = sets.get(name) or {}
+            if not result:
+                lines.append(f"{_e(name)}: see the summary")
+                continue
             gate = result.get("gate") or {}
             assert isinstance(gate, dict)
             if _evaluable(result):
