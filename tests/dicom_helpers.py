@@ -143,3 +143,18 @@ def phantom_series(tiny_run: Path, folder: Path, count: int, syntax: str = LOSSL
     grays = [np.asarray(Image.open(p).convert("L"), np.float32) for p in paths]
     stored = np.stack([np.round(-1350.0 + grays[i % len(grays)] / 255.0 * 1500.0 + 1024).clip(0, 4095) for i in range(count)])
     return write_ct_series(folder, stored.astype(np.uint16), syntax, shuffle_seed=1)
+
+
+def mostly_refused_series(tiny_run: Path, folder: Path, clean: int = 4, noisy: int = 8) -> list[Path]:
+    """A CT series of the tiny run's test slices in which most slices carry strong noise: they still show lung, but the
+    input gate refuses them (another scanner's images, as far as the model can tell)."""
+    import pandas as pd
+    from PIL import Image
+
+    frame = pd.read_csv(tiny_run / "manifest.csv", keep_default_na=False)
+    paths = frame.loc[frame["split"] == "test", "path"].tolist()
+    rng = np.random.default_rng(0)
+    grays = [np.asarray(Image.open(paths[i % len(paths)]).convert("L"), np.float32) / 255.0 for i in range(clean + noisy)]
+    grays = [g if i < clean else np.clip(g + rng.normal(0, 0.25, g.shape), 0, 1) for i, g in enumerate(grays)]
+    stored = np.stack([np.round(-1350.0 + g * 1500.0 + 1024).clip(0, 4095) for g in grays])
+    return write_ct_series(folder, stored.astype(np.uint16), LOSSLESS_SYNTAXES["explicit"], shuffle_seed=1)

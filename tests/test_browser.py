@@ -147,3 +147,36 @@ def test_study_viewer_on_300_compressed_extension_less_slices_and_a_nifti_volume
         error = page.text_content("#error") or ""
         assert not error or "unlike the training data" in error, error  # a result, or the gate's refusal: nothing else
         browser.close()
+
+
+def test_a_mostly_refused_study_is_not_evaluable_on_the_page_and_its_printout(server: str, tiny_run: Path, tiny_bundle: Path, tmp_path: Path) -> None:
+    """Issue 33: no study answer from a sliver of accepted slices; the model's validated figures beside the answer."""
+    import json
+
+    from playwright.sync_api import sync_playwright
+
+    from dicom_helpers import mostly_refused_series
+
+    series = mostly_refused_series(tiny_run, tmp_path / "s")
+    statement = json.loads((tiny_bundle / "model.json").read_text())["validation"]["statement"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=FLAGS[1:], headless=True)
+        page = browser.new_page(viewport={"width": 1200, "height": 1400})
+        page.goto(server + "/")
+        page.wait_for_function("document.getElementById('provenance').textContent.includes('trained on')", timeout=10000)
+        page.get_by_label("Image files").set_input_files([str(s) for s in series])
+        page.get_by_role("button", name="Analyse").click()
+        page.wait_for_selector("#study-viewer:not([hidden])", timeout=60000)
+        assert page.text_content("#label") == "not evaluable with this model"
+        text = page.text_content("#prob-text") or ""
+        assert text.startswith("No study estimate: the input gate refused") and "%" in text and "Estimated probability" not in text
+        assert page.text_content("#validated") == statement and not page.text_content("#uncertainty")
+        for option in page.locator("#operating option").all_text_contents():  # no operating point turns it into an answer
+            page.select_option("#operating", label=option)
+            assert page.text_content("#label") == "not evaluable with this model"
+            assert "not evaluable with this model" in (page.text_content("#operating-text") or "")
+        page.screenshot(path=str(tmp_path / "not-evaluable.png"), full_page=True)
+        page.emulate_media(media="print")
+        report = page.text_content("#report") or ""
+        assert "not evaluable with this model" in report and statement in report and "answered only when" in report
+        browser.close()

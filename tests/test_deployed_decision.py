@@ -198,9 +198,10 @@ def test_predict_and_the_bundle_refuse_and_aggregate_as_the_report_does(tiny_run
     served = bundle.analyse([read_image(p).pixels for p in paths + [str(noise)]], heatmaps=False)
     assert [p.in_distribution for p in ours] == [r.in_distribution for r in served]
     assert ours[-1].label == "refused" and not served[-1].in_distribution
-    label, probability, used = predictor.study(ours)
-    label_b, probability_b, used_b = bundle.study(served)
-    assert (label, used) == (label_b, used_b) and probability == pytest.approx(probability_b, abs=1e-4)
+    ours_study, served_study = predictor.study(ours), bundle.study(served)
+    assert [p.lung for p in ours] == [r.lung for r in served]  # the evidence rule's lung check: the same on both stacks
+    assert (ours_study.label, ours_study.used, ours_study.reason) == (served_study.label, served_study.used, served_study.reason)
+    assert ours_study.probability == pytest.approx(served_study.probability, abs=1e-4, nan_ok=True)
     out = _cli("predict", str(tiny_run), *paths, str(noise), "--study")
     assert out.returncode == 0, out.stderr
     assert "refused (unlike the training data" in out.stdout and "study: " in out.stdout and "not a diagnosis" in out.stdout

@@ -64,6 +64,8 @@ def test_a_study_sent_over_dicom_comes_back_as_sr_and_secondary_capture(
     assert "not a diagnosis" in texts["Decision support"]
     assert texts["Study answer"].split(" ")[0] in ("COVID", "non-COVID", "refused:")
     assert "8 slices, ordered by position" in texts["Series"] and len(texts["Study hash"]) == 64
+    card = json.loads((tiny_bundle / "model.json").read_text())
+    assert texts["Validation"] == card["validation"]["statement"]  # how the model performed, beside the answer
     pixels = sc.pixel_array
     assert sc.BurnedInAnnotation == "YES" and pixels.shape == (256 + 96, 256, 3) and pixels[:256].std() > 5
     assert (pixels[:256, :, 0].astype(int) - pixels[:256, :, 2]).max() > 50  # the heat map's colour is in it

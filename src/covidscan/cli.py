@@ -17,6 +17,8 @@ from covidscan.serve import DEFAULT_MAX_UPLOAD_MB
 if TYPE_CHECKING:
     import numpy as np
 
+    from covidscan.decision import StudyAnswer
+
 app = typer.Typer(
     help="covidscan: COVID-19 detection on chest CT/X-ray with transfer-learned CNNs, "
     "evaluated without patient leakage. Decision support only, not a diagnosis.",
@@ -460,13 +462,15 @@ def predict_command(
             pixels += [p for _, p in frames]
     predictions = scorer.predict_pixels(names, pixels)
     for prediction in predictions:
-        probs = "  ".join(f"P({name})={value:.3f}" for name, value in prediction.probabilities.items())
+        # a refused slice has no estimate: its probabilities are not printed
+        probs = "  ".join(f"P({name})={value:.3f}" for name, value in prediction.probabilities.items()) if prediction.in_distribution else ""
         verdict = prediction.label if prediction.in_distribution else "refused (unlike the training data; no prediction)"
         gate = f"  gate distance {prediction.gate_distance:.2f} (limit {scorer.gate_threshold:.2f})" if scorer.has_gate else ""
         _log(f"{prediction.path}: {verdict}  {probs}{gate}")
     if study:
-        label, probability, used = scorer.study(predictions)
-        _study_line(label, probability, used, len(predictions), scorer.study_rule)
+        _study_line(scorer.study(predictions), scorer.study_rule)
+    if scorer.validated:
+        _log(f"validated: {scorer.validated}")
     console.print(DISCLAIMER, style="italic", markup=False)
 
 
@@ -485,14 +489,17 @@ def _image_slices(path: Path, slice_index: int | None) -> list[tuple[str, np.nda
     return [(str(path) + (f" [frame {i}]" if len(frames) > 1 else ""), p) for i, p in enumerate(frames)]
 
 
-def _study_line(label: str, probability: float, used: int, total: int, rule: dict[str, object]) -> None:
+def _study_line(answer: StudyAnswer, rule: dict[str, object]) -> None:
     from covidscan.decision import rule_name
 
-    if not used:
-        _log(f"study: refused, all {total} slices are unlike the training data")
+    if not answer.used:
+        _log(f"study: refused, all {answer.total} slices are unlike the training data")
         return
-    _log(f"study: {label}  P = {probability:.3f} ({rule_name(rule)}, threshold {float(rule.get('threshold', 0.5)):.3f}; "  # type: ignore[arg-type]
-         f"{used} slices used, {total - used} refused)")
+    if not answer.answered:
+        _log(f"study: {answer.label} with this model ({answer.used} of {answer.total} slices accepted): {answer.reason}")
+        return
+    _log(f"study: {answer.label}  P = {answer.probability:.3f} ({rule_name(rule)}, threshold {float(rule.get('threshold', 0.5)):.3f}; "  # type: ignore[arg-type]
+         f"{answer.used} slices used, {answer.refused} refused)")
 
 
 class _BundleScorer:
@@ -505,12 +512,14 @@ class _BundleScorer:
 
         self.bundle = load_bundle(folder)
         self.gate_threshold, self.study_rule, self.study = self.bundle.gate_threshold, self.bundle.study_rule, self.bundle.study
+        self.validated = self.bundle.validated
 
     def predict_pixels(self, names: list[str], pixels: list[np.ndarray]) -> list[Any]:
         from covidscan.predict import Prediction
 
         results = self.bundle.analyse(pixels, heatmaps=False)
-        return [Prediction(name, r.label, r.probabilities, self.bundle.threshold, r.in_distribution, r.gate_distance) for name, r in zip(names, results)]
+        return [Prediction(name, r.label, r.probabilities, self.bundle.threshold, r.in_distribution, r.gate_distance, lung=r.lung)
+                for name, r in zip(names, results)]
 
 
 @app.command("export")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -87,13 +88,137 @@ def aggregate_scores(scores: Sequence[float] | np.ndarray, rule: dict[str, objec
     return float(values.mean())
 
 
-def study_answer(accepted: Sequence[float], classes: list[str], rule: dict[str, object]) -> tuple[str, float, int]:
-    """(label, probability, slices used) of a study from its accepted slices' P(positive); REFUSED when none was accepted."""
-    if not len(accepted):
-        return REFUSED, math.nan, 0
-    probability = aggregate_scores(accepted, rule)
+NOT_EVALUABLE = "not evaluable"  # a study whose accepted slices are too few, or mostly outside the lungs, for the rule
+DEFAULT_MAX_REFUSED_SHARE = 0.5  # of a study's lung-containing slices
+MIN_ACCEPTED_CAP = 3  # the most accepted slices the rule asks for (fewer where validated studies had fewer)
+DEFAULT_MIN_LUNG_SHARE = 0.5  # of a study's accepted slices, at least this share must show lung
+WITHHELD_QUANTILE = 0.95  # the rule is relaxed until at most 5 % of validation patients would be withheld
+
+
+@dataclass(frozen=True)
+class EvidenceRule:
+    """When the study rule may answer at all: enough accepted slices, not most of the lung refused, lungs in view.
+
+    A study the gate mostly refuses (another hospital's scanner) or whose accepted slices show no lung (the upper
+    abdomen, the neck) gives a study probability from a sliver of the wrong anatomy; such a study is answered
+    "not evaluable with this model", with its counts. The limits are fitted on validation patients so that the
+    studies the model was validated on are (almost) never withheld; the card records them and that check.
+    """
+
+    max_refused_share: float = DEFAULT_MAX_REFUSED_SHARE
+    min_accepted: int = 1
+    min_lung_share: float = DEFAULT_MIN_LUNG_SHARE  # 0: the lung check is off (lungs not found on validation images)
+    chosen_on: str = "default (not fitted on validation patients)"
+    validation: dict[str, object] = field(default_factory=dict, compare=False)
+
+    def to_json(self) -> dict[str, object]:
+        return {"max_refused_share": self.max_refused_share, "min_accepted": self.min_accepted, "min_lung_share": self.min_lung_share,
+                "chosen_on": self.chosen_on, "validation": self.validation}
+
+    @classmethod
+    def from_json(cls, raw: object) -> EvidenceRule:
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict):
+            raise ValueError("evidence_rule must be an object")
+        rule = cls(float(raw.get("max_refused_share", DEFAULT_MAX_REFUSED_SHARE)), int(raw.get("min_accepted", 1)),
+                   float(raw.get("min_lung_share", DEFAULT_MIN_LUNG_SHARE)), str(raw.get("chosen_on", "")), dict(raw.get("validation") or {}))
+        if not (0.0 <= rule.max_refused_share <= 1.0 and rule.min_accepted >= 1 and 0.0 <= rule.min_lung_share <= 1.0):
+            raise ValueError(f"evidence_rule out of range: {rule.to_json()}")
+        return rule
+
+    def describe(self) -> str:
+        lung = (f"; at least {self.min_lung_share:.0%} of the accepted slices show lung" if self.min_lung_share > 0
+                else "; no lung check (lungs were not found reliably on the validation images)")
+        return (f"answered only when at least {self.min_accepted} slice(s) are accepted and the input gate refuses at most "
+                f"{self.max_refused_share:.0%} of the slices that show lung{lung}")
+
+    def withheld_reason(self, accepted: np.ndarray, lung: np.ndarray) -> str:
+        """Why a study with these per-slice gate verdicts and lung flags gets no answer ('' when it may be answered)."""
+        accepted, lung = np.asarray(accepted, bool), np.asarray(lung, bool)
+        used, total = int(accepted.sum()), len(accepted)
+        if used < self.min_accepted:
+            return f"only {used} of {total} slices accepted by the input gate (at least {self.min_accepted} needed)"
+        lung_known = self.min_lung_share > 0 and bool(lung.any())
+        base = lung if lung_known else np.ones(total, bool)
+        refused = int((base & ~accepted).sum())
+        if refused / int(base.sum()) > self.max_refused_share:
+            where = "of the slices that show lung" if lung_known else "of the slices"
+            return (f"the input gate refused {refused} of {int(base.sum())} {where} ({refused / int(base.sum()):.0%}; "
+                    f"at most {self.max_refused_share:.0%} allowed): the study is unlike the images the model was validated on")
+        in_lung = int((accepted & lung).sum())
+        if self.min_lung_share > 0 and in_lung / used < self.min_lung_share:
+            return (f"only {in_lung} of the {used} accepted slices show lung ({in_lung / used:.0%}; at least "
+                    f"{self.min_lung_share:.0%} needed): the answer would come from outside the lungs")
+        return ""
+
+
+@dataclass(frozen=True)
+class StudyAnswer:
+    """One study's answer by the model card: a class, REFUSED (no slice accepted) or NOT_EVALUABLE (too little evidence)."""
+
+    label: str
+    probability: float  # NaN unless the study was answered
+    used: int  # accepted slices
+    total: int
+    lung_slices: int  # slices that show lung (all slices, accepted or not)
+    reason: str = ""  # why refused or not evaluable
+
+    @property
+    def answered(self) -> bool:
+        return self.label not in (REFUSED, NOT_EVALUABLE)
+
+    @property
+    def refused(self) -> int:
+        return self.total - self.used
+
+
+def study_answer(
+    scores: Sequence[float] | np.ndarray, accepted: Sequence[bool] | np.ndarray, lung: Sequence[bool] | np.ndarray,
+    classes: list[str], rule: dict[str, object], evidence: EvidenceRule,
+) -> StudyAnswer:
+    """A study's answer from every slice's P(positive), gate verdict and lung flag: the evidence rule, then the study rule."""
+    scores, accepted, lung = np.asarray(scores, float), np.asarray(accepted, bool), np.asarray(lung, bool)
+    used, total, lungs = int(accepted.sum()), len(accepted), int(lung.sum())
+    if not used:
+        return StudyAnswer(REFUSED, math.nan, 0, total, lungs, "no slice is like the images the model was trained on")
+    reason = evidence.withheld_reason(accepted, lung)
+    if reason:
+        return StudyAnswer(NOT_EVALUABLE, math.nan, used, total, lungs, reason)
+    probability = aggregate_scores(scores[accepted], rule)
     label = classes[-1] if probability >= float(rule.get("threshold", 0.5)) else classes[0]  # type: ignore[arg-type]
-    return label, probability, len(accepted)
+    return StudyAnswer(label, probability, used, total, lungs)
+
+
+def fit_evidence_rule(patients: np.ndarray, accepted: np.ndarray, lung: np.ndarray) -> EvidenceRule:
+    """The evidence rule from validation patients: limits that withhold at most 5 % of the studies the model was
+    validated on (never stricter than the defaults), and the lung check only where lungs are found on them."""
+    patients, accepted, lung = np.asarray(patients).astype(str), np.asarray(accepted, bool), np.asarray(lung, bool)
+    names = np.unique(patients)
+    if len(names) < 2 or (patients == "").any():
+        return EvidenceRule(chosen_on="default: the validation images lack patient IDs and split groups", min_accepted=1)
+    accepted_per_study = np.array([int(accepted[patients == n].sum()) for n in names])
+    lung_found = float(lung.mean())
+    lung_check = lung_found >= 0.5  # lungs found on most validation images: the lung check can be trusted
+    refused_share, lung_share = [], []
+    for n in names:
+        rows = patients == n
+        base = lung[rows] if lung_check and lung[rows].any() else np.ones(int(rows.sum()), bool)
+        refused_share.append(float((base & ~accepted[rows]).sum() / base.sum()))
+        used = int(accepted[rows].sum())
+        lung_share.append(float((accepted[rows] & lung[rows]).sum() / used) if used else 1.0)
+    max_refused = max(DEFAULT_MAX_REFUSED_SHARE, float(np.quantile(refused_share, WITHHELD_QUANTILE)))
+    min_lung = min(DEFAULT_MIN_LUNG_SHARE, float(np.quantile(lung_share, 1 - WITHHELD_QUANTILE))) if lung_check else 0.0
+    answered = accepted_per_study[accepted_per_study > 0]
+    fewest = int(answered.min()) if len(answered) else 1  # the fewest accepted slices a validated study was answered from
+    rule = EvidenceRule(round(max_refused, 4), max(1, min(MIN_ACCEPTED_CAP, fewest)), round(min_lung, 3),
+                        chosen_on=f"validation part, {len(names)} patients or similarity groups")
+    withheld = sum(bool(rule.withheld_reason(accepted[patients == n], lung[patients == n])) for n in names)
+    return EvidenceRule(rule.max_refused_share, rule.min_accepted, rule.min_lung_share, rule.chosen_on, {
+        "patients": len(names), "withheld": int(withheld), "fewest_accepted_slices": fewest,
+        "refused_share_p95": round(float(np.quantile(refused_share, WITHHELD_QUANTILE)), 4),
+        "lung_found_share": round(lung_found, 4), "accepted_lung_share_p05": round(float(np.quantile(lung_share, 1 - WITHHELD_QUANTILE)), 4),
+    })
 
 
 def rule_name(rule: dict[str, object]) -> str:

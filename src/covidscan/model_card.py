@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from covidscan.decision import EvidenceRule, StudyAnswer
 from covidscan.errors import CovidscanError
 
 NETWORK, ENSEMBLE = "network", "ensemble"
@@ -110,6 +111,7 @@ class ModelCard:
     members: tuple[MemberCard, ...] = ()
     combiner: dict[str, object] = field(default_factory=dict)
     preprocess: str = "none"  # data.preprocess: how a gray image becomes the input (data/preprocess.py)
+    evidence_rule: EvidenceRule = field(default_factory=EvidenceRule)  # when a study may be answered at all
 
     @property
     def classes(self) -> list[str]:
@@ -144,13 +146,15 @@ class ModelCard:
             gate_threshold=float(gate["threshold"]) if isinstance(gate, dict) and "threshold" in gate else math.inf,
             members=members, combiner=dict(raw.get("combiner") or {}),  # type: ignore[call-overload]
             preprocess=str(raw.get("preprocess", "none")),
+            evidence_rule=EvidenceRule.from_json(raw.get("evidence_rule")),
         )
 
     def to_json(self) -> dict[str, object]:
         """model.json: the descriptive fields as read, the typed ones as they are now."""
         out = dict(self.raw)
         out.update({"kind": self.kind, "classes": self.classes, "positive_class": self.labels.positive, "image_size": self.size,
-                    "threshold": self.threshold, "tta": self.tta, "study_rule": self.study_rule, "preprocess": self.preprocess})
+                    "threshold": self.threshold, "tta": self.tta, "study_rule": self.study_rule, "preprocess": self.preprocess,
+                    "evidence_rule": self.evidence_rule.to_json()})
         if self.labels.is_decomposed:
             out["labels"] = self.labels.to_json()
         if self.members:
@@ -203,12 +207,23 @@ class CardFields:
         modality = str(data.get("modality", "")) if isinstance(data, dict) else ""
         return modality if modality in ("CT", "CXR") else ""  # a hand-edited or future value routes as unknown
 
-    def study(self, results: Sequence[Any]) -> tuple[str, float, int]:
-        """(label, probability, slices used) of slices taken as one study: the card's rule over the accepted ones.
-        `results`: anything with `probabilities` and `in_distribution` (a scorer's Prediction, a bundle's SliceResult)."""
+    @property
+    def evidence_rule(self) -> EvidenceRule:
+        return self.model_card.evidence_rule
+
+    @property
+    def validated(self) -> str:
+        """The plain statement of where the model was validated and how it did (model.json "validation")."""
+        validation = self.model_card.raw.get("validation")
+        return str(validation.get("statement", "")) if isinstance(validation, dict) else ""
+
+    def study(self, results: Sequence[Any]) -> StudyAnswer:
+        """Slices taken as one study: the card's evidence rule, then its study rule over the accepted slices.
+        `results`: anything with `probabilities`, `in_distribution` and `lung` (a scorer's Prediction, a bundle's SliceResult)."""
         from covidscan.decision import study_answer
 
-        return study_answer([r.probabilities[self.classes[-1]] for r in results if r.in_distribution], self.classes, self.study_rule)
+        return study_answer([r.probabilities[self.classes[-1]] for r in results], [r.in_distribution for r in results],
+                            [bool(r.lung) for r in results], self.classes, self.study_rule, self.evidence_rule)
 
 
 def read_model_card(path: Path, missing: str) -> ModelCard:

@@ -234,8 +234,8 @@ def deployed_decision(
     log: Callable[[str], None],
 ) -> dict[str, object]:
     """Input gate, calibration, operating points and study rule of the best model, from train/validation only."""
-    from covidscan.evaluate.evaluation import fit_run_gate, gate_sample
-    from covidscan.gate import save_gate
+    from covidscan.evaluate.evaluation import fit_evidence, fit_run_gate, gate_sample
+    from covidscan.gate import gate_distance, save_gate
     from covidscan.predict import Predictor
 
     predictor = Predictor(run_dir, card)  # the best checkpoint, on the CPU, as evaluation and export load it; card in memory
@@ -244,12 +244,16 @@ def deployed_decision(
     train_stats = predictor.score(train_images[gate_sample(len(train_images))], tta=False)[1]
     gate_arrays, gate_card = fit_run_gate(train_stats, val_stats[gate_sample(len(val_stats))])
     save_gate(gate_arrays, run_dir / "gate.npz")
-    decision = fit_decision(frame[frame["split"] == "val"].reset_index(drop=True), val_probs, classes, config.evaluate)
+    val_frame = frame[frame["split"] == "val"].reset_index(drop=True)
+    decision = fit_decision(val_frame, val_probs, classes, config.evaluate)
+    accepted = gate_distance(gate_arrays, val_stats) <= float(gate_card["threshold"])  # type: ignore[arg-type]
+    evidence = fit_evidence(val_frame, accepted, val_images)
     calibration, rule = decision["calibration"], decision["study_rule"]
     assert isinstance(calibration, dict) and isinstance(rule, dict)
     log(f"deployed decision: {calibration['reason']}; study rule {rule_name(rule)}, threshold {float(rule['threshold']):.3f} "
-        f"({rule['chosen_on']}); input gate refuses distances above {float(gate_card['threshold']):.1f}")  # type: ignore[arg-type]
-    return {**decision, "gate": gate_card}
+        f"({rule['chosen_on']}); input gate refuses distances above {float(gate_card['threshold']):.1f}; "  # type: ignore[arg-type]
+        f"a study is {evidence.describe()} ({evidence.chosen_on})")
+    return {**decision, "gate": gate_card, "evidence_rule": evidence.to_json()}
 
 
 def publish_run_dir(staging: Path, final: Path) -> Path:

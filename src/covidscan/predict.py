@@ -20,6 +20,7 @@ from covidscan import DISCLAIMER
 from covidscan.data.io import load_image_array
 from covidscan.data.transforms import Normaliser
 from covidscan.decision import REFUSED, apply_temperature, slice_label
+from covidscan.explain.lung_mask import shows_lung
 from covidscan.errors import CovidscanError
 from covidscan.gate import gate_distance, load_gate
 from covidscan.model_card import ENSEMBLE, CardFields, ModelCard, read_model_card
@@ -38,6 +39,7 @@ class Prediction:
     in_distribution: bool = True
     gate_distance: float = 0.0
     note: str = DISCLAIMER
+    lung: bool | None = None  # the slice shows lung (the study evidence rule)
 
 
 class DeployedScorer(CardFields, ABC):
@@ -103,10 +105,11 @@ class DeployedScorer(CardFields, ABC):
         raw, stats = self.score(images)
         probs, distances = self.calibrated(raw), self.gate_distances(stats)
         out = []
-        for path, p, d in zip(names, probs, distances):
+        for path, p, d, image in zip(names, probs, distances, images):
             accepted = bool(d <= self.gate_threshold)
             label = slice_label(p, self.classes, self.threshold) if accepted else REFUSED
-            out.append(Prediction(str(path), label, {c: float(v) for c, v in zip(self.classes, p)}, self.threshold, accepted, float(d)))
+            out.append(Prediction(str(path), label, {c: float(v) for c, v in zip(self.classes, p)}, self.threshold, accepted, float(d),
+                                  lung=shows_lung(image)))
         return out
 
 

@@ -27,7 +27,10 @@ from covidscan.config import EvaluateConfig
 from covidscan.data.public_sets import describe_set
 from covidscan.data.summary import data_summary
 from covidscan.errors import DataError
-from covidscan.decision import DECISION_SETTINGS, DEFAULT_STUDY_RULE, apply_temperature, choose_study_rule, cross_fitted_temperature, rule_name, study_scores
+from covidscan.decision import (
+    DECISION_SETTINGS, DEFAULT_STUDY_RULE, EvidenceRule, apply_temperature, choose_study_rule, cross_fitted_temperature, fit_evidence_rule, rule_name,
+    study_scores,
+)
 from covidscan.evaluate.curves import pr_points, reliability_bins, roc_points
 from covidscan.evaluate.intervals import binary_intervals, clustered_auc, clustered_proportion, ppv_npv_at_prevalence
 from covidscan.evaluate.metrics import binary_metrics, multiclass_metrics
@@ -75,6 +78,20 @@ def fit_decision(val_frame: pd.DataFrame, val_probs: np.ndarray, classes: list[s
         "tta": bool(cfg.tta),
         "decision_settings": decision_settings(cfg),
     }
+
+
+def lung_flags(images: np.ndarray) -> np.ndarray:
+    """Whether each prepared input (N, 1, S, S) shows lung: the evidence rule's lung check, as the service makes it."""
+    from covidscan.explain.lung_mask import shows_lung
+
+    return np.array([shows_lung(image[0]) for image in images], bool)
+
+
+def fit_evidence(val_frame: pd.DataFrame, accepted: np.ndarray, val_images: np.ndarray) -> EvidenceRule:
+    """The evidence rule (when a study may be answered) from the validation patients' gate verdicts and lung flags.
+    Without patient IDs the split's similarity groups stand in for patients (neighbouring slices of one scan)."""
+    units, unit = _groups_for_ci(val_frame)
+    return fit_evidence_rule(units if not unit.startswith("images") else np.full(len(val_frame), ""), accepted, lung_flags(val_images))
 
 
 def decision_settings(cfg: EvaluateConfig) -> dict[str, object]:
@@ -201,13 +218,43 @@ def _multiclass_with_intervals(labels: np.ndarray, probs: np.ndarray, classes: l
     return metrics
 
 
+def study_evidence(frame: pd.DataFrame, accepted: np.ndarray, lung: np.ndarray, card: dict[str, object]) -> tuple[np.ndarray, dict[str, object]]:
+    """Which patients' studies the card's evidence rule answers, as the service would: (rows of studies it withholds,
+    summary). A study with no accepted slice is refused; one with too little evidence is not evaluable."""
+    rule = EvidenceRule.from_json(card.get("evidence_rule"))
+    patients = frame["patient_id"].astype(str).to_numpy() if "patient_id" in frame.columns else np.full(len(frame), "")
+    withheld = np.zeros(len(frame), bool)
+    if not len(frame) or (patients == "").any():
+        return withheld, {"note": "studies not formed: images lack patient IDs", "rule": rule.describe()}
+    counts = {"studies": 0, "answered": 0, "not_evaluable": 0, "refused": 0}
+    examples: list[str] = []
+    for patient in np.unique(patients):
+        rows = patients == patient
+        counts["studies"] += 1
+        if not accepted[rows].any():
+            counts["refused"] += 1
+            withheld |= rows
+            continue
+        reason = rule.withheld_reason(accepted[rows], lung[rows])
+        if reason:
+            counts["not_evaluable"] += 1
+            withheld |= rows
+            if len(examples) < 3:
+                examples.append(reason)
+        else:
+            counts["answered"] += 1
+    return withheld, {**counts, "rule": rule.describe(), "chosen_on": rule.chosen_on, "examples": examples}
+
+
 def score_set(
     frame: pd.DataFrame, raw: np.ndarray, distances: np.ndarray, classes: list[str], card: dict[str, object],
-    gate_threshold: float, cfg: EvaluateConfig, seed: int,
+    gate_threshold: float, cfg: EvaluateConfig, seed: int, lung: np.ndarray | None = None,
 ) -> dict[str, object]:
     """One evaluation set as deployed (images the gate accepts) and, side by side, on all images.
 
-    `raw`: the model's uncalibrated probabilities (N, C); `distances`: the gate's.
+    `raw`: the model's uncalibrated probabilities (N, C); `distances`: the gate's; `lung`: whether each image shows
+    lung (the evidence rule; None: not checked, every image counts as showing lung). Study-level figures count only
+    the studies the service would answer; the others are counted as refused or not evaluable.
     """
     labels = np.array([classes.index(str(v)) for v in frame["label"]])
     counts = {c: int((labels == i).sum()) for i, c in enumerate(classes)}
@@ -230,7 +277,11 @@ def score_set(
     y = labels == 1
     kept = frame[accepted].reset_index(drop=True)
     result = score_block(kept, y[accepted], raw[accepted, 1], calibrated[accepted, 1], card, cfg, seed)
-    result.update({"class_counts": counts, "gate": gate})
+    withheld, evidence = study_evidence(frame, accepted, np.ones(len(frame), bool) if lung is None else np.asarray(lung, bool), card)
+    if evidence.get("not_evaluable"):  # the study figures are those of the studies the service answers
+        answered = accepted & ~withheld
+        result["patient_level"] = patient_level(frame[answered].reset_index(drop=True), y[answered], calibrated[answered, 1], card, cfg, seed)
+    result.update({"class_counts": counts, "gate": gate, "study_evidence": evidence})
     result["all_images"] = score_block(frame, y, raw[:, 1], calibrated[:, 1], card, cfg, seed, full=False)
     return result
 
@@ -470,13 +521,16 @@ def ensure_decision(run_dir: Path, frame: pd.DataFrame, cfg: EvaluateConfig, sho
         reasons.append("the run had no input gate; fitted one on its training and validation images")
     wanted = decision_settings(cfg)
     recorded = card.get("decision_settings")
-    if recorded != wanted or "study_rule" not in card:
+    if recorded != wanted or "study_rule" not in card or "evidence_rule" not in card:
         changed = [k for k in wanted if not isinstance(recorded, dict) or recorded.get(k) != wanted[k]]
         val = frame[frame["split"] == "val"].reset_index(drop=True)
         images = predictor.load_images(image_refs(val), "loading validation images", show)
-        card.update(fit_decision(val, predictor.score(images, tta=cfg.tta)[0], predictor.classes, cfg))
-        reasons.append("calibration, operating points and study rule refitted on the validation part"
-                       + (f" for {', '.join(f'evaluate.{k}={wanted[k]}' for k in changed)}" if isinstance(recorded, dict) else " (older run)"))
+        probs, stats = predictor.score(images, tta=cfg.tta)
+        card.update(fit_decision(val, probs, predictor.classes, cfg))
+        card["evidence_rule"] = fit_evidence(val, predictor.gate_distances(stats) <= predictor.gate_threshold, images).to_json()
+        reasons.append("calibration, operating points, study rule and evidence rule refitted on the validation part"
+                       + (f" for {', '.join(f'evaluate.{k}={wanted[k]}' for k in changed)}" if isinstance(recorded, dict) and changed
+                          else " (older run)"))
     if reasons:
         atomic.write_json(run_dir / MODEL_CARD, card)
         for reason in reasons:
@@ -525,6 +579,7 @@ def evaluate_run(
     from covidscan.config import load_config
     from covidscan.data.manifest import image_refs, load_manifest, save_manifest
     from covidscan.evaluate.report import write_report
+    from covidscan.predict import MODEL_CARD
 
     run_dir = Path(run_dir)
     config = load_config(run_dir / "config.yaml")
@@ -550,7 +605,7 @@ def evaluate_run(
     # the audit's verdict is the one made at training time.
     metrics["data"] = data_summary(frame, recorded.get("audit"))  # type: ignore[arg-type]
     evaluation: dict[str, object] = {
-        "calibration": card.get("calibration"), "study_rule": card.get("study_rule"), "gate": card.get("gate"),
+        "calibration": card.get("calibration"), "study_rule": card.get("study_rule"), "evidence_rule": card.get("evidence_rule"), "gate": card.get("gate"),
         "tta": bool(card.get("tta", False)), "prevalence": cfg.prevalence, "sets": {},
     }
     embeddings, tsne_rows = [], []
@@ -564,8 +619,10 @@ def evaluate_run(
             with timer("model and gate"):
                 raw, gate_stats = predictor.score(images)
             distances = predictor.gate_distances(gate_stats)
+            with timer("lung check (evidence rule)"):
+                lung = lung_flags(images)
             with timer("metrics and intervals (bootstrap included)"):
-                result = score_set(part, raw, distances, classes, card, predictor.gate_threshold, cfg, seed)
+                result = score_set(part, raw, distances, classes, card, predictor.gate_threshold, cfg, seed, lung)
             calibrated = predictor.calibrated(raw)
             if len(classes) == 2:
                 y = np.array([str(v) == classes[1] for v in part["label"]])
@@ -620,14 +677,62 @@ def evaluate_run(
     metrics["test_ci"] = in_domain.get("ci", {})
     metrics["evaluation"] = evaluation
     metrics["decision_support"] = DISCLAIMER
-    metrics["model_card"] = {k: card.get(k) for k in ("calibration", "study_rule", "gate", "tta", "decision_settings", "members", "combiner", "decomposition", "adaptation", "local_finetune", "pretrained_from")
-                             if k in card}
+    validation = validated_figures(evaluation["sets"])  # type: ignore[arg-type]
+    # Into model.json as it is on disk (every field kept); it travels into the bundle: the page, printout and SR state it.
+    atomic.write_json(run_dir / MODEL_CARD, {**read_json_object(run_dir / MODEL_CARD), "validation": validation})
+    metrics["model_card"] = {k: card.get(k) for k in ("calibration", "study_rule", "evidence_rule", "gate", "tta", "decision_settings", "members", "combiner",
+                                                      "decomposition", "adaptation", "local_finetune", "pretrained_from") if k in card}
+    metrics["model_card"]["validation"] = validation  # type: ignore[index]
     if started is not None:
         metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
     atomic.write_json(run_dir / "metrics.json", metrics)
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines() if line.strip()] if (run_dir / "history.jsonl").is_file() else []
     write_report(run_dir / "report.html", metrics, history, config, run_dir)
     return metrics
+
+
+def _figure(value: object, ci: object) -> dict[str, float] | None:
+    if not isinstance(value, (int, float)) or math.isnan(float(value)):
+        return None
+    ci = ci if isinstance(ci, dict) else {}
+    return {"value": round(float(value), 4), "low": round(float(ci.get("low", math.nan)), 4), "high": round(float(ci.get("high", math.nan)), 4)}
+
+
+def _at_chance(figure: dict[str, float] | None) -> bool:
+    return figure is not None and figure["low"] <= 0.5 <= figure["high"]
+
+
+def validated_figures(sets: dict[str, dict[str, object]]) -> dict[str, object]:
+    """What the model card tells every reader beside an answer: each evaluated set's slice and study AUC with CIs,
+    its refusal rate and whether it was evaluable, and one plain statement of them."""
+    figures: dict[str, dict[str, object]] = {}
+    sentences: list[str] = []
+    for name, result in sets.items():
+        gate, metrics, ci = result.get("gate") or {}, result.get("metrics") or {}, result.get("ci") or {}
+        patient = result.get("patient_level") or {}
+        assert isinstance(gate, dict) and isinstance(metrics, dict) and isinstance(ci, dict) and isinstance(patient, dict)
+        total = int(gate.get("accepted", 0)) + int(gate.get("refused", 0))
+        evaluable = (result.get("evaluable") or {}).get("evaluable", True)  # type: ignore[union-attr]
+        slice_auc = _figure(metrics.get("auc"), ci.get("auc"))
+        study_auc = _figure((patient.get("metrics") or {}).get("auc"), (patient.get("ci") or {}).get("auc"))
+        refused = float(gate.get("refused", 0)) / total if total else 0.0
+        sources = ", ".join(str(s) for s in result.get("sources") or [])  # type: ignore[union-attr]
+        figures[name] = {"kind": result.get("kind"), "sources": sources, "images": total, "refused_share": round(refused, 4),
+                         "evaluable": bool(evaluable), "slice_auc": slice_auc, "study_auc": study_auc, "patients": patient.get("patients")}
+        auc_text = (f"slice AUC {slice_auc['value']:.2f} (95% CI {slice_auc['low']:.2f}-{slice_auc['high']:.2f})" if slice_auc else "")
+        if study_auc:
+            auc_text += f", study AUC {study_auc['value']:.2f} ({study_auc['low']:.2f}-{study_auc['high']:.2f}, {patient.get('patients')} patients)"
+        if result.get("kind") == "in-domain":
+            sentences.insert(0, f"Validated on held-out patients of {sources} ({total} images): {auc_text or 'see the report'}.")
+        elif not evaluable:
+            sentences.append(f"On another data set ({sources}) it was not evaluable: the input gate refused {refused:.0%} of its images.")
+        elif _at_chance(slice_auc):
+            sentences.append(f"On another data set ({sources}) it was at chance: {auc_text}, {refused:.0%} of its images refused.")
+        else:
+            sentences.append(f"On another data set ({sources}): {auc_text}, {refused:.0%} of its images refused.")
+    if not any(r.get("kind") == "external" for r in sets.values()):
+        sentences.append("It was not measured on another hospital's images: how it performs there is unknown.")
+    return {"sets": figures, "statement": " ".join(sentences)}
 
 
 def _with_ci(value: float, ci: dict[str, float] | None) -> str:

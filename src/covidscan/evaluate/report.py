@@ -16,7 +16,7 @@ import pandas as pd
 
 from covidscan import atomic
 from covidscan.config import RunConfig
-from covidscan.decision import rule_name
+from covidscan.decision import EvidenceRule, rule_name
 from covidscan.explain.overlay import colorize
 
 _STYLE = """
@@ -326,10 +326,25 @@ def _set_section(name: str, result: dict[str, object], classes: list[str], run_d
                      + "</table>")
     else:
         parts.append(f"<p>Study level: {_e(patient.get('note', 'not computed'))}.</p>")
+    parts.append(_evidence_html(result.get("study_evidence")))
     parts.append(_errors_html(result.get("errors")))
     parts.append(_gallery(result.get("explain"), run_dir))  # type: ignore[arg-type]
     parts.append("</section>")
     return "".join(parts)
+
+
+def _evidence_html(evidence: object) -> str:
+    """How many studies the service would answer, and how many it withholds as refused or not evaluable."""
+    if not isinstance(evidence, dict) or "studies" not in evidence:
+        return ""
+    withheld = int(evidence["not_evaluable"]) + int(evidence["refused"])
+    css = "warn" if withheld else "note"
+    examples = "".join(f"<li>{_e(e)}</li>" for e in evidence.get("examples") or [])
+    return (f'<div class="{css} study-evidence"><p><strong>Studies answered</strong>: {evidence["answered"]} of {evidence["studies"]}; '
+            f'{evidence["not_evaluable"]} not evaluable with this model and {evidence["refused"]} refused (no slice accepted). '
+            f"A study is {_e(evidence['rule'])} (the model card's evidence rule, {_e(evidence.get('chosen_on', ''))}). "
+            + ("The study figures above are on the answered studies only." if evidence["not_evaluable"] else "")
+            + (f"</p><ul>{examples}</ul></div>" if examples else "</p></div>"))
 
 
 def _errors_html(errors: object) -> str:
@@ -407,8 +422,16 @@ def _gallery(explain: dict[str, object] | None, run_dir: Path | None) -> str:
     )
 
 
+def _withheld_line(evidence: EvidenceRule) -> str:
+    check = evidence.validation
+    if "patients" not in check:
+        return "not checked on validation patients"
+    return f"it would have withheld {check['withheld']} of the {check['patients']} validation patients' studies"
+
+
 def _deployed_html(evaluation: dict[str, object]) -> str:
     """What the service does with an image and a study, as recorded in model.json."""
+    evidence = EvidenceRule.from_json(evaluation.get("evidence_rule"))
     calibration, rule, gate = evaluation.get("calibration") or {}, evaluation.get("study_rule") or {}, evaluation.get("gate") or {}
     assert isinstance(calibration, dict) and isinstance(rule, dict) and isinstance(gate, dict)
     points = ", ".join(f"{_e(k)} at {_fmt(v)}" for k, v in (calibration.get("operating_points") or {}).items())
@@ -421,6 +444,8 @@ def _deployed_html(evaluation: dict[str, object]) -> str:
         f"<tr><td>Slice operating points</td><td>{points}</td></tr>"
         f"<tr><td>Study rule</td><td>{_e(rule_name(rule))}, study threshold {_fmt(float(rule.get('threshold', 0.5)))} "
         f"(chosen on the {_e(rule.get('chosen_on', 'default'))})</td></tr>"
+        f"<tr><td>When a study is answered</td><td>{_e(evidence.describe())}; otherwise \"not evaluable with this model\" "
+        f"({_e(evidence.chosen_on)}; {_e(_withheld_line(evidence))})</td></tr>"
         "</table><p>Validation images served three purposes (early stopping, calibration check, thresholds); with few validation "
         "patients these choices are noisy, which the test-set intervals include only in part.</p></section>"
     )

@@ -52,3 +52,19 @@ def energy_inside(heat: np.ndarray, mask: np.ndarray | None) -> float:
     heat = np.clip(np.asarray(heat, np.float64), 0.0, None)
     total = heat.sum()
     return float(heat[mask].sum() / total) if total > 0 else float("nan")
+
+
+LUNG_CHECK_SIZE = 64  # px: enough to find a lung region, cheap enough for every slice of a 300-slice study
+
+
+def shows_lung(image: np.ndarray) -> bool:
+    """Whether a slice shows lung: a plausible lung region is found at 64 px (the study evidence rule's lung check)."""
+    from PIL import Image
+
+    gray = np.asarray(image)
+    if gray.ndim == 3:
+        gray = gray[0]
+    if gray.dtype != np.uint8:
+        gray = np.clip(np.asarray(gray, np.float32) * 255.0, 0, 255).astype(np.uint8)
+    small = np.asarray(Image.fromarray(gray).resize((LUNG_CHECK_SIZE, LUNG_CHECK_SIZE), Image.BILINEAR))
+    return lung_mask(small) is not None

@@ -103,10 +103,16 @@ class ModelRef(BaseModel):
 
 
 class StudyOut(BaseModel):
-    label: str
-    probability: float = Field(description="Study probability of the positive class by the model card's rule (accepted slices only).")
+    label: str = Field(description="A class, 'refused' (no slice accepted by the input gate) or 'not evaluable' (too little evidence: "
+                                   "see `reason`).")
+    probability: float | None = Field(description="Study probability of the positive class by the model card's rule (accepted slices "
+                                                  "only); null when the study is refused or not evaluable.")
     slices_used: int
     slices_refused: int
+    slices_with_lung: int = Field(0, description="Slices in which a lung region was found (the evidence rule's lung check).")
+    reason: str = Field("", description="Why the study is refused or not evaluable with this model, with the counts.")
+    evidence_rule: str = Field("", description="When the model answers a study at all (the model card's evidence rule, fitted on validation patients).")
+    validated: str = Field("", description="Where the model was validated and how it performed (the model card's validation statement).")
     rule: str = Field(description="How slice probabilities became the study's, e.g. 'mean of the slices' (chosen on validation patients).")
     threshold: float = Field(description="Study threshold, chosen on validation patients.")
     order: str | None = Field(None, description="DICOM studies: how slices were ordered (position, instance number, as received).")
@@ -235,8 +241,10 @@ def _study(results: list[SliceResult], bundle: Bundle | EnsembleBundle) -> Study
     """The model card's study rule (chosen on validation patients, the one the report evaluates)."""
     from covidscan.decision import rule_name
 
-    label, probability, used = bundle.study(results)
-    return StudyOut(label=label, probability=probability if used else 0.0, slices_used=used, slices_refused=len(results) - used,
+    answer = bundle.study(results)
+    return StudyOut(label=answer.label, probability=answer.probability if answer.answered else None, slices_used=answer.used,
+                    slices_refused=answer.refused, slices_with_lung=answer.lung_slices, reason=answer.reason,
+                    evidence_rule=bundle.evidence_rule.describe(), validated=bundle.validated,
                     rule=rule_name(bundle.study_rule), threshold=float(bundle.study_rule.get("threshold", 0.5)))  # type: ignore[arg-type]
 
 

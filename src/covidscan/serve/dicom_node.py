@@ -93,18 +93,27 @@ def answer_lines(analysis: StudyAnalysis, bundle: Bundle | EnsembleBundle) -> li
     """The answer as (name, text) pairs: the SR's items and the Secondary Capture's burned-in text."""
     from covidscan.decision import rule_name
 
-    label, probability, used = bundle.study(analysis.results)
-    refused = len(analysis.results) - used
-    answer = "refused: no slice is like the model's training data" if not used else f"{label} (probability {probability:.3f})"
-    return [
+    study = bundle.study(analysis.results)
+    if study.answered:
+        answer = f"{study.label} (probability {study.probability:.3f})"
+    elif study.used:
+        answer = f"{study.label} with this model: {study.reason}"
+    else:
+        answer = "refused: no slice is like the model's training data"
+    lines = [
         ("Decision support", DISCLAIMER),
         ("Study answer", answer),
-        ("Study rule", f"{rule_name(bundle.study_rule)}, threshold {float(bundle.study_rule.get('threshold', 0.5)):.3f}"),  # type: ignore[arg-type]
-        ("Slices", f"{used} used, {refused} refused by the input gate as unlike the training data"),
+        ("Study rule", f"{rule_name(bundle.study_rule)}, threshold {float(bundle.study_rule.get('threshold', 0.5)):.3f}; "  # type: ignore[arg-type]
+                       f"{bundle.evidence_rule.describe()}"),
+        ("Slices", f"{study.used} used, {study.refused} refused by the input gate as unlike the training data; "
+                   f"{study.lung_slices} of {study.total} show lung"),
         ("Series", f"{analysis.plan.describe()}"),
         ("Model", bundle.version),
         ("Study hash", analysis.study_hash),
     ]
+    if bundle.validated:
+        lines.insert(2, ("Validation", bundle.validated))
+    return lines
 
 
 def structured_report(lines: list[tuple[str, str]], identifiers: object) -> object:

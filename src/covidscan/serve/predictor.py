@@ -19,6 +19,7 @@ from covidscan.atomic import recover_folder
 from covidscan.combine import combine, heatmap_weights
 from covidscan.decision import apply_temperature, slice_label
 from covidscan.errors import CovidscanError
+from covidscan.explain.lung_mask import shows_lung
 from covidscan.gate import gate_distance, load_gate
 from covidscan.model_card import ENSEMBLE, CardFields, ModelCard, read_model_card
 
@@ -34,6 +35,7 @@ class SliceResult:
     heatmap: np.ndarray | None = None  # (S, S) in [0, 1]
     image: np.ndarray | None = field(default=None, repr=False)  # resized uint8 (S, S)
     members: dict[str, float] | None = None  # an ensemble's members: P(positive) of each
+    lung: bool | None = None  # the slice shows lung (the study evidence rule); None: not checked
 
 
 def is_bundle(folder: Path) -> bool:
@@ -89,6 +91,8 @@ class ServedModel(CardFields):
             "temperature": self.temperature,
             "calibration": calibration.get("reason", "temperature scaling fitted on validation" if self.temperature != 1.0 else "none"),
             "study_rule": self.study_rule,
+            "evidence_rule": self.evidence_rule.describe(),
+            "validated": self.validated,
             "pretrained_from": self.card.get("pretrained_from"),
             "training_data": self.card.get("training_data", {}),
             "intended_use": DISCLAIMER,
@@ -174,12 +178,13 @@ class Bundle(ServedModel):
         """Run one full batch, so ONNX Runtime's memory arena has its working size before the first request."""
         self.run(np.zeros((batch_size, 1, self.size, self.size), np.float32))
 
-    def analyse(self, images: list[np.ndarray], heatmaps: bool = True, batch_size: int = 32, heatmap_top: int = 0) -> list[SliceResult]:
+    def analyse(self, images: list[np.ndarray], heatmaps: bool = True, batch_size: int = 32, heatmap_top: int = 0,
+                lung: bool = True) -> list[SliceResult]:
         """Gray float images in [0, 1] of any size (or already prepared uint8 inputs) -> one result per image.
 
         heatmap_top > 0: heat maps only for that many slices, the most suspicious
         (the rest would be computed and thrown away; a 1000-slice volume would
-        hold 1000 maps).
+        hold 1000 maps). `lung`: check each slice for lung (an ensemble checks once, not per member).
         """
         resized = self._prepared(images)
         results: list[SliceResult] = []
@@ -197,6 +202,7 @@ class Bundle(ServedModel):
                 results.append(SliceResult(
                     probabilities={c: float(v) for c, v in zip(self.classes, p)}, label=slice_label(p, self.classes, self.threshold),
                     in_distribution=bool(d <= self.gate_threshold), gate_distance=float(d), heatmap=heat, image=image,
+                    lung=shows_lung(image) if lung else None,
                 ))
         if kept:
             for (_, index, _), heat in zip(kept, self.cam(np.stack([f for _, _, f in kept]), positive)):
@@ -225,7 +231,7 @@ class EnsembleBundle(ServedModel):
         """As `Bundle.analyse`: the members' deployed probabilities combined, every member's gate, the weighted mean heat map."""
         resized = list(self._prepared(images))
         every_map = heatmaps and not heatmap_top  # all maps wanted: the members draw them in this one pass
-        per_member = [member.analyse(resized, heatmaps=every_map, batch_size=batch_size) for member in self.members]
+        per_member = [member.analyse(resized, heatmaps=every_map, batch_size=batch_size, lung=False) for member in self.members]
         positive = len(self.classes) - 1
         member_probs = [np.array([[r.probabilities[c] for c in self.classes] for r in results], np.float32).reshape(-1, len(self.classes))
                         for results in per_member]
@@ -235,7 +241,7 @@ class EnsembleBundle(ServedModel):
         results = [
             SliceResult(probabilities={c: float(v) for c, v in zip(self.classes, p)}, label=slice_label(p, self.classes, self.threshold),
                         in_distribution=bool(d <= self.gate_threshold), gate_distance=float(d), image=image,
-                        members={name: float(mp[i, positive]) for name, mp in zip(self.names, member_probs)})
+                        members={name: float(mp[i, positive]) for name, mp in zip(self.names, member_probs)}, lung=shows_lung(image))
             for i, (image, p, d) in enumerate(zip(resized, probs, distance))
         ]
         if heatmaps and results:
@@ -243,7 +249,7 @@ class EnsembleBundle(ServedModel):
                 chosen, member_maps = np.arange(len(results)), per_member
             else:  # only the most suspicious slices by the ensemble's probability: the members draw just those
                 chosen = np.argsort(-probs[:, positive], kind="stable")[:heatmap_top]
-                member_maps = [member.analyse([resized[i] for i in chosen], heatmaps=True, batch_size=batch_size) for member in self.members]
+                member_maps = [member.analyse([resized[i] for i in chosen], heatmaps=True, batch_size=batch_size, lung=False) for member in self.members]
             for j, i in enumerate(chosen):
                 maps = np.stack([m[j].heatmap for m in member_maps])  # type: ignore[misc]
                 results[int(i)].heatmap = np.einsum("m,mhw->hw", self.heat_weights, maps).astype(np.float32)
