@@ -1,7 +1,7 @@
 """A model trained on one source, served to another source's studies: what the study answer says with and without
 the evidence rule (issue 33's six-study scenario, reproduced with UCSD's patients as the unseen source).
 
-    .venv/bin/python bench/unseen_source_studies.py BUNDLE MANIFEST [--out FILE.json]
+    .venv/bin/python bench/unseen_source_studies.py BUNDLE MANIFEST [--min-images N] [--out FILE.json]
 
 BUNDLE: an exported bundle (`covidscan export RUN`). MANIFEST: another source's manifest with patient IDs (e.g.
 `covidscan data index ../shared/data/ucsd-covid-ct`); every patient's images form one study, analysed by the
@@ -27,6 +27,7 @@ from covidscan.data.io import read_image  # noqa: E402
 from covidscan.data.manifest import image_refs, load_manifest  # noqa: E402
 from covidscan.decision import EvidenceRule, StudyAnswer, study_answer  # noqa: E402
 from covidscan.evaluate.intervals import binary_intervals  # noqa: E402
+from covidscan.explain.lung_mask import shows_lung  # noqa: E402
 from covidscan.serve.predictor import load_bundle  # noqa: E402
 
 BEFORE = EvidenceRule(max_refused_share=1.0, min_accepted=1, min_lung_share=0.0, chosen_on="the study rule alone")
@@ -51,6 +52,7 @@ def main() -> None:
     parser.add_argument("bundle", type=Path)
     parser.add_argument("manifest", type=Path)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--min-images", type=int, default=1, help="Only studies (patients) with at least this many images.")
     args = parser.parse_args()
     started = time.perf_counter()
     bundle = load_bundle(args.bundle)
@@ -60,6 +62,8 @@ def main() -> None:
     positive = bundle.classes[-1]
     now, before, truth, sizes = [], [], [], []
     for _, rows in frame.groupby("patient_id", sort=True):
+        if len(rows) < args.min_images:
+            continue
         pixels = [read_image(path, index).pixels for path, index in image_refs(rows)]
         results = bundle.analyse(pixels, heatmaps=False)
         scores = [r.probabilities[positive] for r in results]
@@ -74,12 +78,19 @@ def main() -> None:
         if answer.label == "not evaluable":
             key = answer.reason.split(" (")[0].split(":")[0]
             reasons[key] = reasons.get(key, 0) + 1
-    print(f"bundle {args.bundle}; {len(now)} studies of {args.manifest.name} (images per study: median {int(np.median(sizes))}, "
+    print(f"bundle {args.bundle}; {len(now)} studies of {args.manifest.name} with at least {args.min_images} image(s) "
+          f"(images per study: median {int(np.median(sizes))}, "
           f"max {max(sizes)}); evidence rule: {bundle.evidence_rule.describe()} ({bundle.evidence_rule.chosen_on}); "
           f"{time.perf_counter() - started:.0f} s")
     print(markdown_table(table))
     print("not evaluable, by reason: " + "; ".join(f"{k}: {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])))
     print(f"validated statement beside every answer: {bundle.validated}")
+    sample = [bundle.prepare(read_image(path, index).pixels) for path, index in image_refs(frame.head(200))]
+    tick = time.perf_counter()
+    for image in sample:
+        shows_lung(image)
+    print(f"lung check: {1000 * (time.perf_counter() - tick) / len(sample):.2f} ms per slice at {bundle.size} px input "
+          f"({len(sample)} slices; 300 slices: {0.3 * (time.perf_counter() - tick) / len(sample) * 1000:.1f} s)")
     if args.out:
         args.out.write_text(json.dumps({"table": table, "reasons": reasons, "evidence_rule": bundle.evidence_rule.to_json(),
                                         "validated": bundle.validated}, indent=1))

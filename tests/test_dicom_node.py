@@ -2,6 +2,7 @@
 Secondary Capture, received by a second storage SCP on loopback. No patient field in any log line."""
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time

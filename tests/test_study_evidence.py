@@ -20,7 +20,7 @@ def test_a_study_the_gate_mostly_refuses_is_not_evaluable() -> None:
     lung[10:130] = True  # 120 slices show lung, 110 of them refused
     answer = study_answer(np.full(148, 0.9), accepted, lung, CLASSES, RULE, EvidenceRule())
     assert answer.label == NOT_EVALUABLE and not answer.answered and math.isnan(answer.probability)
-    assert "refused 110 of 120 of the slices that show lung" in answer.reason and (answer.used, answer.total) == (19, 148)
+    assert "refused 110 of 120 slices that show lung" in answer.reason and (answer.used, answer.total) == (19, 148)
 
 
 def test_a_study_whose_accepted_slices_lie_outside_the_lungs_is_not_evaluable() -> None:

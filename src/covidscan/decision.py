@@ -128,10 +128,12 @@ class EvidenceRule:
         return rule
 
     def describe(self) -> str:
-        lung = (f"; at least {self.min_lung_share:.0%} of the accepted slices show lung" if self.min_lung_share > 0
-                else "; no lung check (lungs were not found reliably on the validation images)")
+        if self.min_lung_share > 0:
+            refused, lung = "of the slices that show lung", f"; at least {self.min_lung_share:.0%} of the accepted slices show lung"
+        else:
+            refused, lung = "of its slices", "; no lung check (lungs were not found reliably on the validation images)"
         return (f"answered only when at least {self.min_accepted} slice(s) are accepted and the input gate refuses at most "
-                f"{self.max_refused_share:.0%} of the slices that show lung{lung}")
+                f"{self.max_refused_share:.0%} {refused}{lung}")
 
     def withheld_reason(self, accepted: np.ndarray, lung: np.ndarray) -> str:
         """Why a study with these per-slice gate verdicts and lung flags gets no answer ('' when it may be answered)."""
@@ -143,7 +145,7 @@ class EvidenceRule:
         base = lung if lung_known else np.ones(total, bool)
         refused = int((base & ~accepted).sum())
         if refused / int(base.sum()) > self.max_refused_share:
-            where = "of the slices that show lung" if lung_known else "of the slices"
+            where = "slices that show lung" if lung_known else "slices"
             return (f"the input gate refused {refused} of {int(base.sum())} {where} ({refused / int(base.sum()):.0%}; "
                     f"at most {self.max_refused_share:.0%} allowed): the study is unlike the images the model was validated on")
         in_lung = int((accepted & lung).sum())

@@ -352,7 +352,9 @@ def _display_unit(unit: str, unit_name: str) -> str:
     similarity clusters and single images as they are."""
     from covidscan.data.pseudonym import patient_key
 
-    if unit_name.startswith("images") or re.fullmatch(r"(cluster|image)-\d+", unit):
+    if unit_name.startswith("images"):
+        return ""  # the image is its own unit: nothing to add to its name
+    if re.fullmatch(r"(cluster|image)-\d+", unit):
         return unit
     return patient_key(unit)
 
@@ -370,7 +372,7 @@ def error_analysis(frame: pd.DataFrame, y: np.ndarray, score: np.ndarray, classe
     wrong = (score >= threshold) != y
     confidence = np.abs(score - threshold)
     worst = []
-    if wrong.any():
+    if wrong.any() and not unit_name.startswith("images"):  # without patients or groups, each image is its own unit
         table = pd.DataFrame({"unit": units, "wrong": wrong, "y": y})
         per = table.groupby("unit").agg(images=("wrong", "size"), errors=("wrong", "sum"), positive=("y", "mean"))
         per["share"] = per["errors"] / per["images"]

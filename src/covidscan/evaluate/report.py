@@ -354,22 +354,26 @@ def _errors_html(errors: object) -> str:
     if not errors["errors"]:
         return f"<h4>Error analysis</h4><p>No wrong slice at threshold {_fmt(errors['threshold'])} among the {errors['images']} accepted images.</p>"
     unit = "patient" if errors["unit"] == "patients" else "group" if errors["unit"] == "split groups" else "image"
+    confident = "".join(f"<tr><td>{_e(c['image'])}</td><td>{_e(c['true'])}</td><td>{c['p_positive']:.3f}</td><td>{_e(c['unit'])}</td></tr>"
+                        for c in errors["confident_errors"])
+    confident_table = (f'<table class="text"><caption>Most confident wrong slices</caption><tr><th>Image</th><th>True class</th>'
+                       f"<th>P(positive class)</th><th>{'' if unit == 'image' else unit.capitalize()}</th></tr>{confident}</table>")
+    head = (f'<h4 id="errors">Error analysis ({errors["errors"]} wrong of {errors["images"]} accepted images at threshold '
+            f'{_fmt(errors["threshold"])})</h4>')
+    if unit == "image":
+        return (head + "<p>This set has no patient IDs or split groups: its errors cannot be grouped by patient. "
+                "Its most confident errors:</p>" + confident_table)
     def wrong_slices(w: dict[str, object]) -> str:
         return "; ".join(f"{x['image']} ({x['p_positive']:.2f})" for x in w["wrong_slices"])  # type: ignore[attr-defined]
 
     worst = "".join(
         f"<tr><td>{_e(w['unit'])}</td><td>{_e(w['true'])}</td><td>{w['images']}</td><td>{w['errors']}</td><td>{w['share']:.0%}</td>"
         f"<td>{_e(wrong_slices(w))}</td></tr>" for w in errors["worst"])
-    confident = "".join(f"<tr><td>{_e(c['image'])}</td><td>{_e(c['true'])}</td><td>{c['p_positive']:.3f}</td><td>{_e(c['unit'])}</td></tr>"
-                        for c in errors["confident_errors"])
-    return (f'<h4 id="errors">Error analysis ({errors["errors"]} wrong of {errors["images"]} accepted images at threshold {_fmt(errors["threshold"])})</h4>'
-            f"<p>The errors fall in {errors['units_with_errors']} of {errors['units']} {_e(errors['unit'])}; the {len(errors['worst'])} "
+    return (head + f"<p>The errors fall in {errors['units_with_errors']} of {errors['units']} {_e(errors['unit'])}; the {len(errors['worst'])} "
             f"{unit}s below hold {errors['errors_in_listed']} of them ({errors['errors_in_listed'] / errors['errors']:.0%}). "
             "Errors concentrated in a few patients say more about those patients (or their labels) than about the model's rate of error.</p>"
-            f'<table class="text"><tr><th>{unit.capitalize()} (keyed)</th><th>True class</th><th>Images</th><th>Wrong</th><th>Share wrong</th>'
-            f"<th>Its most confident wrong slices (P(COVID))</th></tr>{worst}</table>"
-            f'<table class="text"><caption>Most confident wrong slices</caption><tr><th>Image</th><th>True class</th><th>P(positive class)</th>'
-            f"<th>{unit.capitalize()}</th></tr>{confident}</table>")
+            f'<table class="text"><tr><th>{unit.capitalize()}{" (keyed hash)" if unit == "patient" else ""}</th><th>True class</th><th>Images</th><th>Wrong</th><th>Share wrong</th>'
+            f"<th>Its most confident wrong slices (P(COVID))</th></tr>{worst}</table>" + confident_table)
 
 
 def _description_html(description: object) -> str:
@@ -635,6 +639,17 @@ def _model_card_html(
     )
 
 
+def _silhouette_verdict(sil: dict[str, float]) -> str:
+    """Sources that separate more clearly than classes: the model may have learnt the hospital, not the disease."""
+    label, source = (float(v) if isinstance(v, (int, float)) else math.nan for v in (sil.get("label"), sil.get("source")))
+    if math.isnan(label) or math.isnan(source):
+        return "<p>With one source (or one class) in the map, sources and classes cannot be compared.</p>"
+    if source > label:
+        return (f'<p class="warn" id="source-warning">The model\'s embedding separates the data sources ({_fmt(source)}) more clearly '
+                f"than the classes ({_fmt(label)}): it may have learnt the hospital, not the disease.</p>")
+    return f'<p class="note">Classes separate more clearly ({_fmt(label)}) than sources ({_fmt(source)}).</p>'
+
+
 def _evaluable(result: dict[str, object]) -> bool:
     evaluable = result.get("evaluable")
     return not isinstance(evaluable, dict) or evaluable.get("evaluable") is not False
@@ -734,8 +749,7 @@ def write_report(
         tsne_html = (
             '<div class="figs">' + "".join(_tsne_svg(table, c) for c in ("label", "source", "set")) + "</div>"
             f"<p>Silhouette in embedding space (cosine; 0 = mixed, 1 = separated): class {_fmt(sil['label'])}, "
-            f"source data set {_fmt(sil['source'])}, evaluation set {_fmt(sil['set'])}. "
-            "If sources separate more clearly than classes, the model may have learnt the hospital, not the disease.</p>"
+            f"source data set {_fmt(sil['source'])}, evaluation set {_fmt(sil['set'])}.</p>" + _silhouette_verdict(sil)
         )
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
