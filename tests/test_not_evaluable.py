@@ -60,7 +60,7 @@ def test_a_mostly_refused_study_is_not_evaluable_in_the_rest_answer(client: Test
     study = response.json()["study"]
     assert study["label"] == "not evaluable" and study["probability"] is None, study
     assert study["slices_used"] + study["slices_refused"] == 12 and study["slices_refused"] >= 7
-    assert "the input gate refused" in study["reason"] and "slices that show lung" in study["reason"]
+    assert study["reason"].startswith("the input gate refused") and "unlike the images the model was validated on" in study["reason"]
     card = json.loads((tiny_bundle / "model.json").read_text())
     assert study["validated"] == card["validation"]["statement"] and study["evidence_rule"].startswith("answered only when")
     assert FAKE_PATIENT_ID not in response.text

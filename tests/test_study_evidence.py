@@ -66,8 +66,12 @@ def test_the_rule_fitted_on_validation_withholds_no_validated_study() -> None:
 def test_the_lung_check_is_off_where_validation_images_show_no_lung() -> None:
     """sarscov2-ct's slices are cropped to the chest: the lung mask finds lungs on fewer than half of them."""
     patients = np.repeat([f"p{i}" for i in range(10)], 5)
-    rule = fit_evidence_rule(patients, np.ones(50, bool), np.arange(50) % 3 == 0)
-    assert rule.min_lung_share == 0.0 and "no lung check" in rule.describe()
+    lung = np.arange(50) < 35  # the mask misses the lungs of three validation patients entirely
+    rule = fit_evidence_rule(patients, np.ones(50, bool), lung)
+    assert rule.min_lung_share == 0.0 and "no lung check" in rule.describe() and rule.validation["withheld"] == 0
+    assert fit_evidence_rule(patients, np.ones(50, bool), np.arange(50) % 3 == 0).min_lung_share == 0  # 10 of 10: too few to trust
+    many = np.repeat([f"p{i}" for i in range(40)], 3)
+    assert fit_evidence_rule(many, np.ones(120, bool), np.arange(120) % 3 == 0).min_lung_share > 0  # lungs in 40 of 40 studies
     single = fit_evidence_rule(np.array([f"p{i}" for i in range(10)]), np.ones(10, bool), np.ones(10, bool))
     assert single.min_accepted == 1  # validated on single-image patients: one accepted image is enough
     unknown = fit_evidence_rule(np.full(10, ""), np.ones(10, bool), np.ones(10, bool))

@@ -93,6 +93,7 @@ DEFAULT_MAX_REFUSED_SHARE = 0.5  # of a study's lung-containing slices
 MIN_ACCEPTED_CAP = 3  # the most accepted slices the rule asks for (fewer where validated studies had fewer)
 DEFAULT_MIN_LUNG_SHARE = 0.5  # of a study's accepted slices, at least this share must show lung
 WITHHELD_QUANTILE = 0.95  # the rule is relaxed until at most 5 % of validation patients would be withheld
+LUNG_MASK_RELIABLE = 0.9  # the lung check is on only when the mask finds lungs in >= 90 % of studies (95 % Wilson lower bound)
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ class EvidenceRule:
         if self.min_lung_share > 0:
             refused, lung = "of the slices that show lung", f"; at least {self.min_lung_share:.0%} of the accepted slices show lung"
         else:
-            refused, lung = "of its slices", "; no lung check (lungs were not found reliably on the validation images)"
+            refused, lung = "of its slices", "; no lung check (the lung mask did not find lungs in almost every validation study)"
         return (f"answered only when at least {self.min_accepted} slice(s) are accepted and the input gate refuses at most "
                 f"{self.max_refused_share:.0%} {refused}{lung}")
 
@@ -194,14 +195,21 @@ def study_answer(
 
 def fit_evidence_rule(patients: np.ndarray, accepted: np.ndarray, lung: np.ndarray) -> EvidenceRule:
     """The evidence rule from validation patients: limits that withhold at most 5 % of the studies the model was
-    validated on (never stricter than the defaults), and the lung check only where lungs are found on them."""
+    validated on (never stricter than the defaults), and the lung check only where the lung mask is shown to find lungs
+    in at least 90 % of them (the lower end of the 95 % Wilson interval)."""
     patients, accepted, lung = np.asarray(patients).astype(str), np.asarray(accepted, bool), np.asarray(lung, bool)
     names = np.unique(patients)
     if len(names) < 2 or (patients == "").any():
         return EvidenceRule(chosen_on="default: the validation images lack patient IDs and split groups", min_accepted=1)
     accepted_per_study = np.array([int(accepted[patients == n].sum()) for n in names])
     lung_found = float(lung.mean())
-    lung_check = lung_found >= 0.5  # lungs found on most validation images: the lung check can be trusted
+    # The lung check can be trusted only where the lung mask finds lungs in (almost) every validated study: on
+    # sarscov2-ct's chest-cropped slices, or phantoms whose lungs it misses, it would withhold the model's own studies.
+    from covidscan.evaluate.intervals import wilson
+
+    with_lung = sum(bool((accepted & lung)[patients == n].any()) for n in names)
+    studies_with_lung = with_lung / len(names)
+    lung_check = wilson(with_lung, len(names))[0] >= LUNG_MASK_RELIABLE  # shown, not assumed: 10 of 10 studies is not enough
     refused_share, lung_share = [], []
     for n in names:
         rows = patients == n
@@ -219,7 +227,8 @@ def fit_evidence_rule(patients: np.ndarray, accepted: np.ndarray, lung: np.ndarr
     return EvidenceRule(rule.max_refused_share, rule.min_accepted, rule.min_lung_share, rule.chosen_on, {
         "patients": len(names), "withheld": int(withheld), "fewest_accepted_slices": fewest,
         "refused_share_p95": round(float(np.quantile(refused_share, WITHHELD_QUANTILE)), 4),
-        "lung_found_share": round(lung_found, 4), "accepted_lung_share_p05": round(float(np.quantile(lung_share, 1 - WITHHELD_QUANTILE)), 4),
+        "lung_found_share": round(lung_found, 4), "studies_with_lung_share": round(studies_with_lung, 4),
+        "accepted_lung_share_p05": round(float(np.quantile(lung_share, 1 - WITHHELD_QUANTILE)), 4),
     })
 
 

@@ -523,7 +523,7 @@ def ensure_decision(run_dir: Path, frame: pd.DataFrame, cfg: EvaluateConfig, sho
         reasons.append("the run had no input gate; fitted one on its training and validation images")
     wanted = decision_settings(cfg)
     recorded = card.get("decision_settings")
-    if recorded != wanted or "study_rule" not in card or "evidence_rule" not in card:
+    if recorded != wanted or "study_rule" not in card or "evidence_rule" not in predictor.model_card.raw:  # (to_json fills a default)
         changed = [k for k in wanted if not isinstance(recorded, dict) or recorded.get(k) != wanted[k]]
         val = frame[frame["split"] == "val"].reset_index(drop=True)
         images = predictor.load_images(image_refs(val), "loading validation images", show)
