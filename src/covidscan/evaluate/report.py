@@ -677,9 +677,11 @@ def _verdict(name: str, result: dict[str, object], home: dict[str, object] | Non
         everything = result.get("all_images") or {}
         assert isinstance(everything, dict)
         all_auc = float((everything.get("metrics") or {}).get("auc", math.nan))  # type: ignore[union-attr]
-        return (f"<strong>{_e(name)}</strong> is <strong>not evaluable with this model</strong>: the gate refused {_refused(gate)} "
-                f"of its {int(gate.get('accepted', 0)) + int(gate.get('refused', 0))} images; "  # type: ignore[call-overload]
-                + _e("; ".join(result["evaluable"]["reasons"]))  # type: ignore[index]
+        others = [r for r in result["evaluable"]["reasons"] if not r.startswith("the gate accepted")]  # type: ignore[index]
+        total = int(gate.get("accepted", 0)) + int(gate.get("refused", 0))  # type: ignore[call-overload]
+        return (f"<strong>{_e(name)}</strong> is <strong>not evaluable with this model</strong>: the gate refused "
+                f"{gate.get('refused')} of its {total} images ({int(gate.get('refused', 0)) / max(total, 1):.0%})"  # type: ignore[call-overload]
+                + "".join(f"; {_e(r)}" for r in others)
                 + ". Figures on the few accepted images are no measure of the model on this set"
                 + (f"; on all its images (ungated) the slice AUC is {_fmt(all_auc)}." if not math.isnan(all_auc) else "."))
     m, ci = result["metrics"], result.get("ci", {})
