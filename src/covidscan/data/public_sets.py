@@ -308,7 +308,7 @@ KNOWN_SETS: dict[str, SetDescription] = {
         "CT images cut from figures of published papers (Yang 2020); copyright with the papers' publishers", True,
         label_source="COVID: the diagnosis reported by the source paper of each figure; non-COVID: images from other sources "
                      "gathered by the data set's authors; not verified against RT-PCR per image",
-        country="not recorded per image (papers from several countries)", period="papers published January-April 2020",
+        country="not recorded per image (papers from several countries)", period="early 2020 (preprints and papers on COVID-19)",
         unknown="age, sex, scanner, window, slice position; images carry figure arrows, letters and borders"),
     "ieee8023": SetDescription(
         "public collection of X-ray/CT images from papers and websites (Cohen 2020)", True,

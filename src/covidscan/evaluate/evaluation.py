@@ -511,7 +511,7 @@ def ensure_decision(run_dir: Path, frame: pd.DataFrame, cfg: EvaluateConfig, sho
     from covidscan.predict import MODEL_CARD, load_scorer
 
     predictor = load_scorer(run_dir)
-    card = dict(predictor.card)
+    card = read_json_object(run_dir / MODEL_CARD)  # as on disk: every field kept (an ensemble's members carry more than the typed card)
     reasons = []
     if not predictor.has_gate:
         train, val = (frame[frame["split"] == part] for part in ("train", "val"))
