@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/covidscan demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 clean:
 	rm -rf runs .pytest_cache

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -68,14 +67,21 @@ def test_a_mostly_refused_study_is_not_evaluable_in_the_rest_answer(client: Test
     assert clean["label"] in ("COVID", "non-COVID") and 0 <= clean["probability"] <= 1  # the same model answers a study like its own
 
 
-def test_a_mostly_refused_study_is_not_evaluable_for_predict(tiny_bundle: Path, tiny_run: Path, tmp_path: Path) -> None:
-    series = mostly_refused_series(tiny_run, tmp_path / "s")
+def test_a_mostly_refused_study_is_not_evaluable_for_predict(
+    tiny_bundle: Path, tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from covidscan.cli import main
+
+    mostly_refused_series(tiny_run, tmp_path / "s")
     for model in (tiny_bundle, tiny_run):  # the bundle (ONNX) and the run (PyTorch) decide alike
-        out = subprocess.run([sys.executable, "-m", "covidscan.cli", "predict", str(model), str(tmp_path / "s")], capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr
-        study = next(line for line in out.stdout.splitlines() if line.startswith("study:"))
+        monkeypatch.setattr(sys, "argv", ["covidscan", "predict", str(model), str(tmp_path / "s")])
+        with pytest.raises(SystemExit) as done:
+            main()  # the CLI in this process (as tests/test_cli_mistakes.py does): no second torch import
+        assert done.value.code in (0, None)
+        out = capsys.readouterr().out
+        study = next(line for line in out.splitlines() if line.startswith("study:"))
         assert study.startswith("study: not evaluable with this model (") and "the input gate refused" in study
-        assert "validated: Validated on held-out patients" in out.stdout and "P = " not in study
+        assert "validated: Validated on held-out patients" in out and "P = " not in study
 
 
 def test_a_mostly_refused_study_is_not_evaluable_in_the_structured_report(tiny_bundle: Path, tiny_run: Path, tmp_path: Path) -> None:

@@ -270,7 +270,7 @@ def score_set(
         "units": int(len(np.unique(units))), "accepted_units": int(len(np.unique(units[accepted]))),
     }
     if len(classes) > 2:
-        groups = _groups_for_ci(frame)[0]
+        groups = units
         return {"n": len(labels), "class_counts": counts, "gate": gate,
                 "metrics": _multiclass_with_intervals(labels[accepted], calibrated[accepted], classes, groups[accepted]),
                 "all_images": {"n": len(labels), "metrics": _multiclass_with_intervals(labels, calibrated, classes, groups)}}
