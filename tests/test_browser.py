@@ -171,6 +171,9 @@ def test_a_mostly_refused_study_is_not_evaluable_on_the_page_and_its_printout(se
         text = page.text_content("#prob-text") or ""
         assert text.startswith("No study estimate: the input gate refused") and "%" in text and "Estimated probability" not in text
         assert page.text_content("#validated") == statement and not page.text_content("#uncertainty")
+        rows = page.eval_on_selector_all("#rows tr", "trs => trs.map(tr => Array.from(tr.cells).map(td => td.textContent))")
+        refused_rows = [r for r in rows if r[4].startswith("no: refused")]
+        assert refused_rows and all(r[2:4] == ["refused", "—"] for r in refused_rows)  # no suggestion, no probability
         for option in page.locator("#operating option").all_text_contents():  # no operating point turns it into an answer
             page.select_option("#operating", label=option)
             assert page.text_content("#label") == "not evaluable with this model"
