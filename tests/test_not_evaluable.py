@@ -30,6 +30,10 @@ def test_the_bundle_carries_the_validated_figures_and_the_evidence_rule(tiny_run
     metrics = json.loads((tiny_run / "metrics.json").read_text())["evaluation"]["sets"]["in-domain test"]
     assert home["slice_auc"]["value"] == pytest.approx(metrics["metrics"]["auc"], abs=1e-4)
     assert home["slice_auc"]["low"] == pytest.approx(metrics["ci"]["auc"]["low"], abs=1e-4)
+    points = metrics["operating_points"]
+    assert set(home["operating_points"]) == set(points) and home["data"]  # the operating points and the data, described
+    for name, point in points.items():
+        assert home["operating_points"][name]["sensitivity"]["value"] == pytest.approx(point["metrics"]["sensitivity"], abs=1e-4)
     statement = validation["statement"]
     assert statement.startswith("Validated on held-out patients of") and f"{home['slice_auc']['value']:.2f}" in statement
     assert "not measured on another hospital's images" in statement  # the tiny run has no external set

@@ -719,8 +719,17 @@ def validated_figures(sets: dict[str, dict[str, object]]) -> dict[str, object]:
         study_auc = _figure((patient.get("metrics") or {}).get("auc"), (patient.get("ci") or {}).get("auc"))
         refused = float(gate.get("refused", 0)) / total if total else 0.0
         sources = ", ".join(str(s) for s in result.get("sources") or [])  # type: ignore[union-attr]
-        figures[name] = {"kind": result.get("kind"), "sources": sources, "images": total, "refused_share": round(refused, 4),
-                         "evaluable": bool(evaluable), "slice_auc": slice_auc, "study_auc": study_auc, "patients": patient.get("patients")}
+        points = result.get("operating_points") or {}
+        description = result.get("description") or {}
+        assert isinstance(points, dict) and isinstance(description, dict)
+        figures[name] = {
+            "kind": result.get("kind"), "sources": sources, "images": total, "refused_share": round(refused, 4),
+            "evaluable": bool(evaluable), "slice_auc": slice_auc, "study_auc": study_auc, "patients": patient.get("patients"),
+            "operating_points": {point: {"threshold": round(float(v["threshold"]), 4), "sensitivity": _figure(v["metrics"]["sensitivity"], v["ci"].get("sensitivity")),
+                                         "specificity": _figure(v["metrics"]["specificity"], v["ci"].get("specificity"))}
+                                 for point, v in points.items()},
+            "data": {source: d.get("description") for source, d in (description.get("provenance") or {}).items()},  # type: ignore[union-attr]
+        }
         auc_text = (f"slice AUC {slice_auc['value']:.2f} (95% CI {slice_auc['low']:.2f}-{slice_auc['high']:.2f})" if slice_auc else "")
         if study_auc:
             auc_text += f", study AUC {study_auc['value']:.2f} ({study_auc['low']:.2f}-{study_auc['high']:.2f}, {patient.get('patients')} patients)"
