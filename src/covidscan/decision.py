@@ -132,7 +132,8 @@ class EvidenceRule:
         if self.min_lung_share > 0:
             refused, lung = "of the slices that show lung", f"; at least {self.min_lung_share:.0%} of the accepted slices show lung"
         else:
-            refused, lung = "of its slices", "; no lung check (the lung mask did not find lungs in almost every validation study)"
+            refused, lung = "of its slices", ("; no lung check (the validation studies did not show that the lung mask finds "
+                                              "lungs in at least 90 % of studies)")
         return (f"answered only when at least {self.min_accepted} slice(s) are accepted and the input gate refuses at most "
                 f"{self.max_refused_share:.0%} {refused}{lung}")
 
