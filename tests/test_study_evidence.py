@@ -81,3 +81,16 @@ def test_the_lung_check_is_off_where_validation_images_show_no_lung() -> None:
 def test_a_malformed_evidence_rule_is_refused() -> None:
     with pytest.raises(ValueError, match="out of range"):
         EvidenceRule.from_json({"max_refused_share": 1.5})
+
+
+def test_the_report_counts_withheld_studies_as_the_service_decides_them() -> None:
+    import pandas as pd
+
+    from covidscan.evaluate.evaluation import study_evidence
+
+    frame = pd.DataFrame({"patient_id": ["a"] * 4 + ["b"] * 4 + ["c"] * 4})
+    accepted = np.array([False] * 4 + [True, False, False, False] + [True] * 4)  # a: refused; b: 1 of 4; c: all
+    card = {"evidence_rule": EvidenceRule(min_accepted=3).to_json()}
+    withheld, summary = study_evidence(frame, accepted, np.ones(12, bool), card)
+    assert (summary["studies"], summary["answered"], summary["not_evaluable"], summary["refused"]) == (3, 1, 1, 1)
+    assert withheld.tolist() == [True] * 8 + [False] * 4 and "only 1 of 4 slices accepted" in summary["examples"][0]

@@ -156,6 +156,14 @@ class EvidenceRule:
                     f"{self.min_lung_share:.0%} needed): the answer would come from outside the lungs")
         return ""
 
+    def verdict(self, accepted: np.ndarray, lung: np.ndarray) -> tuple[str, str]:
+        """('', '') when the study may be answered; else (REFUSED or NOT_EVALUABLE, why): the one place both the
+        service's study answer and the report's count of withheld studies decide it."""
+        if not np.asarray(accepted, bool).any():
+            return REFUSED, "no slice is like the images the model was trained on"
+        reason = self.withheld_reason(accepted, lung)
+        return (NOT_EVALUABLE, reason) if reason else ("", "")
+
 
 @dataclass(frozen=True)
 class StudyAnswer:
@@ -184,11 +192,9 @@ def study_answer(
     """A study's answer from every slice's P(positive), gate verdict and lung flag: the evidence rule, then the study rule."""
     scores, accepted, lung = np.asarray(scores, float), np.asarray(accepted, bool), np.asarray(lung, bool)
     used, total, lungs = int(accepted.sum()), len(accepted), int(lung.sum())
-    if not used:
-        return StudyAnswer(REFUSED, math.nan, 0, total, lungs, "no slice is like the images the model was trained on")
-    reason = evidence.withheld_reason(accepted, lung)
-    if reason:
-        return StudyAnswer(NOT_EVALUABLE, math.nan, used, total, lungs, reason)
+    withheld, reason = evidence.verdict(accepted, lung)
+    if withheld:
+        return StudyAnswer(withheld, math.nan, used, total, lungs, reason)
     probability = aggregate_scores(scores[accepted], rule)
     label = classes[-1] if probability >= float(rule.get("threshold", 0.5)) else classes[0]  # type: ignore[arg-type]
     return StudyAnswer(label, probability, used, total, lungs)

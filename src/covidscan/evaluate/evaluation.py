@@ -28,7 +28,7 @@ from covidscan.data.public_sets import describe_set
 from covidscan.data.summary import data_summary
 from covidscan.errors import DataError
 from covidscan.decision import (
-    DECISION_SETTINGS, DEFAULT_STUDY_RULE, EvidenceRule, apply_temperature, choose_study_rule, cross_fitted_temperature, fit_evidence_rule, rule_name,
+    DECISION_SETTINGS, DEFAULT_STUDY_RULE, NOT_EVALUABLE, REFUSED, EvidenceRule, apply_temperature, choose_study_rule, cross_fitted_temperature, fit_evidence_rule, rule_name,
     study_scores,
 )
 from covidscan.evaluate.curves import pr_points, reliability_bins, roc_points
@@ -231,18 +231,12 @@ def study_evidence(frame: pd.DataFrame, accepted: np.ndarray, lung: np.ndarray, 
     for patient in np.unique(patients):
         rows = patients == patient
         counts["studies"] += 1
-        if not accepted[rows].any():
-            counts["refused"] += 1
+        label, reason = rule.verdict(accepted[rows], lung[rows])  # as the service decides it (decision.study_answer)
+        counts[{REFUSED: "refused", NOT_EVALUABLE: "not_evaluable"}.get(label, "answered")] += 1
+        if label:
             withheld |= rows
-            continue
-        reason = rule.withheld_reason(accepted[rows], lung[rows])
-        if reason:
-            counts["not_evaluable"] += 1
-            withheld |= rows
-            if len(examples) < 3:
-                examples.append(reason)
-        else:
-            counts["answered"] += 1
+        if label == NOT_EVALUABLE and len(examples) < 3:
+            examples.append(reason)
     return withheld, {**counts, "rule": rule.describe(), "chosen_on": rule.chosen_on, "examples": examples}
 
 
