@@ -40,7 +40,7 @@ def test_a_study_sent_over_dicom_comes_back_as_sr_and_secondary_capture(
     pacs_server = pacs.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
     caplog.set_level(logging.INFO)
     listener = DicomListener(str(tiny_bundle), Destination("127.0.0.1", pacs_server.server_address[1], "PACS"), port=0, host="127.0.0.1",
-                             idle_s=1.0)
+                             idle_s=1.0, spool_dir=tmp_path / "spool")
     listener.start()
     try:
         series = phantom_series(tiny_run, tmp_path / "s", 8, LOSSLESS_SYNTAXES["jpeg-lossless"])
@@ -94,7 +94,7 @@ def test_a_study_of_a_modality_no_served_model_knows_gets_no_answer(
 
     from pydicom import dcmread
 
-    from covidscan.serve.dicom_node import Destination, DicomListener, _PendingStudy
+    from covidscan.serve.dicom_node import Destination, DicomListener
 
     ct = tmp_path / "ct"
     shutil.copytree(tiny_bundle, ct)
@@ -106,8 +106,11 @@ def test_a_study_of_a_modality_no_served_model_knows_gets_no_answer(
         ds = dcmread(path)
         ds.Modality = "DX"
         ds.save_as(path)
-    listener = DicomListener([str(ct)], Destination("127.0.0.1", 9, "PACS"), port=0, host="127.0.0.1")  # never started: no network
+    listener = DicomListener([str(ct)], Destination("127.0.0.1", 9, "PACS"), port=0, host="127.0.0.1",  # never started: no network
+                             spool_dir=tmp_path / "spool")
     caplog.set_level(logging.INFO)
-    listener._answer(_PendingStudy(files=[(p.name, p.read_bytes()) for p in series]))
-    assert listener.answered == []
+    for path in series:
+        key = listener.spool.add("1.2.3", path.name, path.read_bytes())
+    listener._answer_safely(listener.spool.take(key))
+    assert listener.answered == [] and listener.spool.studies() == [] and listener.spool.pending_bytes == 0
     assert "chest X-ray image, and no model served here was trained on that modality" in caplog.text and FAKE_PATIENT_ID not in caplog.text

@@ -135,3 +135,61 @@ def test_a_dicom_study_goes_wholly_to_the_model_of_its_modality(bundles: dict[st
         ds.save_as(path)
     response = client.post("/api/v1/predict?study=true", files=[("files", (p.name, p.read_bytes(), "application/dicom")) for p in series])
     assert response.status_code == 200 and response.json()["model"] == "cxr"
+
+
+@pytest.mark.parametrize("modality", ["MR", "US", "PT", "NM", "XA", "MG"])
+def test_a_modality_no_served_model_knows_is_refused_by_name(bundles: dict[str, Path], tiny_run: Path, tmp_path: Path, modality: str) -> None:
+    """A CT slice tagged MR (US, PT, ...) with only a CT model served: 422 naming the modality, never the CT model's
+    answer (before: 200, 'COVID', 'the only model served')."""
+    from covidscan.serve.app import create_app
+
+    client = _client_for([bundles["ct"]], create_app)
+    response = client.post("/api/v1/predict", files=[("files", ("x.dcm", _dicom(tiny_run, tmp_path, modality), "application/dicom"))])
+    assert response.status_code == 422 and response.json()["error"] == "no model for this modality", response.text
+    assert f"DICOM modality {modality}" in response.json()["detail"]
+
+
+_CLIENTS: dict[tuple[str, ...], TestClient] = {}
+
+
+def _client_for(folders: list[Path], create_app: object) -> TestClient:
+    key = tuple(map(str, folders))
+    if key not in _CLIENTS:
+        _CLIENTS[key] = TestClient(create_app(folders))  # type: ignore[operator]
+    return _CLIENTS[key]
+
+
+def test_a_zip_study_uses_the_series_a_served_model_can_analyse(bundles: dict[str, Path], tiny_run: Path, tmp_path: Path) -> None:
+    """3 CT slices and a 4-image CR series in one zip, a CT model served: the CT series is analysed (it has fewer
+    slices) and the CR series is reported as skipped with the reason (before: 422, the CR series was chosen)."""
+    import zipfile
+
+    from pydicom import dcmread
+
+    from covidscan.serve.app import create_app
+    from dicom_helpers import phantom_series
+
+    ct = phantom_series(tiny_run, tmp_path / "ct", 3)
+    cr = phantom_series(tiny_run, tmp_path / "cr", 4)
+    for index, path in enumerate(cr):
+        ds = dcmread(path)
+        ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber, ds.StudyInstanceUID = "CR", "1.2.826.0.1.3680043.99.1", 7, dcmread(ct[0]).StudyInstanceUID
+        ds.save_as(path)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in ct + cr:
+            archive.write(path, f"{path.parent.name}/{path.name}")
+    response = _client_for([bundles["ct"]], create_app).post("/api/v1/predict", files=[("files", ("study.zip", buffer.getvalue(), "application/zip"))])
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["viewer"]["slices"] == 3 and body["model"] == "ct"
+    skipped = json.dumps(body)
+    assert "modality CXR: no model served for it" in skipped
+
+
+def test_the_same_bundle_given_twice_is_refused_at_start(bundles: dict[str, Path]) -> None:
+    from covidscan.errors import CovidscanError
+    from covidscan.serve.app import create_app
+
+    with pytest.raises(CovidscanError, match="the same bundle is given twice"):
+        create_app([bundles["ct"], bundles["ct"] / ".." / "ct"])

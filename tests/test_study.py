@@ -162,3 +162,64 @@ def test_audit_with_no_decodable_image_says_why(tmp_path: Path) -> None:
                           for n, lab in (("a.dcm", "COVID"), ("b.dcm", "non-COVID"))])
     with pytest.raises(DataError, match="none of the 2 images could be read; 2 x DICOM file holds no pixel data"):
         run_audit(frame, show=False)
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_zip_members_are_inflated_one_at_a_time_when_read_and_checked_while_inflating() -> None:
+    """Opening a zip reads its directory only; reading a member's head inflates a few bytes; a member that inflates
+    past its declared size is refused while inflating; one over the per-file limit is refused before inflating."""
+    import tracemalloc
+
+    from covidscan.data.study import ZipStudy
+
+    data = _zip({f"zeros-{i}": b"\0" * 20_000_000 for i in range(3)})  # 60 MB inflated, 60 kB sent
+    tracemalloc.start()
+    files = ZipStudy(data, "big.zip").files("big.zip:")
+    heads = [files.head(name) for name in files]
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert [len(h) for h in heads] == [1024] * 3 and peak < 5_000_000  # before: every member materialised (60 MB)
+    with pytest.raises(ImageReadError, match="the limit for one file of a zip is 10 MB"):
+        ZipStudy(data, "big.zip", max_member_bytes=10_000_000)
+    liar = bytearray(_zip({"slice": b"\1" * 5000}))
+    central = liar.rindex(b"PK\x01\x02")  # the central directory's record: its uncompressed size says 50 bytes
+    liar[central + 24:central + 28] = (50).to_bytes(4, "little")
+    study = ZipStudy(bytes(liar), "liar.zip")
+    with pytest.raises(ImageReadError, match="liar.zip:slice: (cannot extract from the zip|zip member is larger than)"):
+        study.files()["slice"]  # zipfile stops at the declared size and the CRC then fails: never more is inflated
+
+
+def test_a_multi_frame_study_is_converted_one_frame_at_a_time(tmp_path: Path) -> None:
+    """The frames of a multi-frame CT are decoded once and converted to the model's gray (and HU) as they are asked
+    for (before: every frame converted twice in float32 before the first was analysed)."""
+    import tracemalloc
+
+    from pydicom import dcmread
+
+    from covidscan.data.study import StudyFiles, iter_study_images
+
+    volume = chest_volume(256, 40)
+    single = write_ct_series(tmp_path / "s", volume[:1], LOSSLESS_SYNTAXES["explicit"])[0]
+    ds = dcmread(single)
+    ds.NumberOfFrames, ds.PixelData = len(volume), np.ascontiguousarray(volume).astype(np.uint16).tobytes()
+    ds.save_as(tmp_path / "multi.dcm")
+    files = StudyFiles.in_memory([("multi.dcm", (tmp_path / "multi.dcm").read_bytes())])
+    plan = plan_files(files.items())
+    skipped: list[tuple[str, str]] = []
+    tracemalloc.start()
+    names = []
+    for name, image in iter_study_images(plan, files, skipped, keep_hu=True):
+        names.append(name)
+        del image
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert names == [f"multi.dcm frame {k}" for k in range(1, 41)] and not skipped
+    all_frames_as_float = 2 * volume.size * 4  # gray + HU for every frame: 21 MB (the decoded stored values: 5 MB)
+    assert peak < 0.75 * all_frames_as_float, peak

@@ -586,6 +586,13 @@ def dicom_listen_command(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "0.0.0.0",
     ae_title: Annotated[str, typer.Option("--ae-title", help="This node's AE title.")] = "COVIDSCAN",
     idle_seconds: Annotated[float, typer.Option(help="A study is complete when no instance of it arrived for this long.")] = 10.0,
+    spool: Annotated[Optional[Path], typer.Option(help="Folder for received instances until answered (kept over a restart); "
+                                                       "default ~/.cache/covidscan/dicom-spool.")] = None,
+    spool_gb: Annotated[float, typer.Option(help="Bytes of instances waiting in the spool before senders get 0xA700 (GB).")] = 4.0,
+    max_associations: Annotated[int, typer.Option(help="Associations at once, all peers together.")] = 16,
+    per_peer: Annotated[int, typer.Option(help="Associations at once from one IP address (more are disconnected).")] = 4,
+    connect_timeout: Annotated[float, typer.Option(help="Seconds a connection may take to finish association negotiation (ARTIM).")] = 10.0,
+    idle_timeout: Annotated[float, typer.Option(help="Seconds an association, or a partly sent PDU, may stay silent.")] = 30.0,
 ) -> None:
     """Receive CT studies from a PACS (storage SCP), analyse each when complete, and send back a DICOM SR and a
     Secondary Capture with the heat map. Decision support only. No patient field is logged."""
@@ -593,10 +600,12 @@ def dicom_listen_command(
     import signal
     import threading
 
-    from covidscan.serve.dicom_node import Destination, DicomListener
+    from covidscan.serve.dicom_node import Destination, DicomListener, NodeLimits
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    listener = DicomListener([str(b) for b in bundles], Destination.parse(send_to), port, host, ae_title, idle_seconds)
+    limits = NodeLimits(max_associations, per_peer, connect_timeout, idle_timeout, spool_bytes=int(spool_gb * 1e9))
+    listener = DicomListener([str(b) for b in bundles], Destination.parse(send_to), port, host, ae_title, idle_seconds,
+                             spool_dir=spool, limits=limits)
     listener.start()
     _log(f"{ae_title} listening on {host}:{listener.port}; answers to {send_to}. Ctrl-C stops. {DISCLAIMER}")
     stop = threading.Event()

@@ -5,6 +5,7 @@ non-zero exit; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -31,3 +32,13 @@ class ConfigError(CovidscanError):
 
 class WeightsError(CovidscanError):
     """Pretrained weights that cannot be found or do not fit the model."""
+
+
+_QUOTED = re.compile(r"""b?'[^']*'|b?"[^"]*\"""")
+
+
+def exception_summary(exc: BaseException, limit: int = 160) -> str:
+    """An exception's type and message with every quoted value blanked: third-party parsers (pydicom) quote the
+    offending element's value, which may be a patient's name or ID, and this text reaches answers and logs."""
+    message = _QUOTED.sub("'…'", str(exc)).strip()
+    return f"{type(exc).__name__}: {message[:limit]}" if message else type(exc).__name__

@@ -20,7 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from covidscan.data import nifti
 from covidscan.data.intensity import LUNG_WINDOW, finite01, window
 from covidscan.data.pseudonym import patient_key
-from covidscan.errors import ImageReadError
+from covidscan.errors import ImageReadError, exception_summary
 
 # Larger than any CT slice or chest X-ray (a 4k x 4k radiograph is 16 Mpx);
 # a PNG that claims more is treated as a decompression bomb.
@@ -196,7 +196,7 @@ def _dicom_dataset(data: bytes, where: str) -> object:
     except (InvalidDicomError, zlib.error):
         raise ImageReadError(where, "not a valid DICOM file") from None
     except Exception as exc:
-        raise ImageReadError(where, f"not a readable DICOM file ({type(exc).__name__}: {exc})") from None
+        raise ImageReadError(where, f"not a readable DICOM file ({exception_summary(exc)})") from None
 
 
 def _dicom_int(ds: object, keyword: str, default: int, where: str) -> int:
@@ -237,7 +237,7 @@ def _dicom_frames(ds: object, where: str, max_pixels: int) -> np.ndarray:
     try:
         raw = np.asarray(ds.pixel_array)  # type: ignore[attr-defined]
     except Exception as exc:  # pydicom raises many types for unsupported/corrupt pixel data
-        raise ImageReadError(where, f"cannot decode DICOM pixel data ({type(exc).__name__}: {exc})") from None
+        raise ImageReadError(where, f"cannot decode DICOM pixel data ({exception_summary(exc)})") from None
     raw = raw[None] if raw.ndim == 2 else raw
     if raw.ndim != 3 or raw.shape[1:] != (rows, columns):
         raise ImageReadError(where, f"expected 2-D grayscale DICOM frames, got shape {raw.shape}")
@@ -276,6 +276,14 @@ MODALITY_FAMILY = {"CT": "CT", "CR": "CXR", "DX": "CXR"}
 def modality_family(dicom_modality: object) -> str:
     """'CT', 'CXR' or '' for a DICOM Modality value."""
     return MODALITY_FAMILY.get(str(dicom_modality or "").strip().upper(), "")
+
+
+def routing_modality(dicom_modality: object) -> str:
+    """What routing needs of a DICOM Modality value: its family ('CT', 'CXR'), the tag itself for every other modality
+    ('MR', 'US', 'OT', ...: no model is trained on it, so it is refused by name, never left to a CT model's gate), or ''
+    when the file has no Modality."""
+    tag = str(dicom_modality or "").strip().upper()[:16]
+    return MODALITY_FAMILY.get(tag, tag)
 
 
 def _dicom_pixels(ds: object, values: np.ndarray, ct_window: tuple[float, float]) -> np.ndarray:
@@ -344,8 +352,13 @@ def _dicom_meta(ds: object, raw: np.ndarray) -> dict[str, object]:
 def _decoded_dicom(data: bytes, where: str, max_pixels: int) -> tuple[object, np.ndarray, dict[str, object]]:
     """(data set without its encoded pixels, stored frames, metadata): one parse and one decode per file."""
     ds = _dicom_dataset(data, where)
-    raw = _dicom_frames(ds, where, max_pixels)
-    meta = _dicom_meta(ds, raw)
+    try:
+        raw = _dicom_frames(ds, where, max_pixels)
+        meta = _dicom_meta(ds, raw)
+    except ImageReadError:
+        raise
+    except Exception as exc:  # a malformed element (e.g. Rows stored in 3 bytes) raises whatever pydicom raises
+        raise ImageReadError(where, f"malformed DICOM header ({exception_summary(exc)})") from None
     del ds.PixelData  # type: ignore[attr-defined]  # decoded: the encoded copy is no longer needed
     return ds, raw, meta
 
@@ -355,9 +368,18 @@ def iter_dicom(data: bytes, where: str, ct_window: tuple[float, float] = LUNG_WI
     """Every frame of a DICOM file, decoded once (with `keep_hu`, CT frames also in HU)."""
     ds, raw, meta = _decoded_dicom(data, where, max_pixels)
     for frame in raw:
+        yield _frame_image(ds, frame, dict(meta), ct_window, keep_hu, where)
+
+
+def _frame_image(ds: object, frame: np.ndarray, meta: dict[str, object], ct_window: tuple[float, float], keep_hu: bool,
+                 where: str) -> ImageData:
+    """One stored frame -> the model's gray image (and HU for CT with `keep_hu`); ImageReadError for malformed LUTs."""
+    try:
         values = _modality_values(ds, frame)
         hu = radiological(values.copy(), ds) if keep_hu and is_ct(ds) else None  # a copy: the window works in place
-        yield ImageData(pixels=_dicom_pixels(ds, values, ct_window), meta=dict(meta), hu=hu)
+        return ImageData(pixels=_dicom_pixels(ds, values, ct_window), meta=meta, hu=hu)
+    except Exception as exc:  # e.g. a Modality LUT without its descriptor: pydicom raises AttributeError
+        raise ImageReadError(where, f"cannot convert the stored values ({exception_summary(exc)})") from None
 
 
 def read_dicom(
@@ -371,7 +393,7 @@ def read_dicom(
     frames = raw.shape[0]
     if frames > 1 and (frame is None or not 0 <= frame < frames):
         raise ImageReadError(where, f"multi-frame DICOM with {frames} frames needs a frame index in [0, {frames})")
-    return ImageData(pixels=_dicom_pixels(ds, _modality_values(ds, raw[frame or 0]), ct_window), meta=meta)
+    return _frame_image(ds, raw[frame or 0], meta, ct_window, False, where)
 
 
 def nifti_slice_count(path: str | Path) -> int:

@@ -16,7 +16,7 @@ import pandas as pd
 
 from covidscan.data.io import is_dicom_file, is_image_file, is_volume_file, modality_family, nifti_slice_count, patient_key
 from covidscan.data.manifest import new_manifest, read_csv_table
-from covidscan.errors import DataError, ImageReadError
+from covidscan.errors import DataError, ImageReadError, exception_summary
 
 _BINARY_ALIASES: dict[str, tuple[str, ...]] = {
     "COVID": ("covid", "covid19", "ctcovid", "covidpositive", "positive", "sarscov2", "covid19pneumonia"),
@@ -108,7 +108,7 @@ def _dicom_header(path: Path) -> tuple[int, str, dict[str, str]]:
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception as exc:
-        raise ImageReadError(path, f"not a valid DICOM file ({exc})") from None
+        raise ImageReadError(path, f"not a valid DICOM file ({exception_summary(exc)})") from None
     if is_scout(ds):
         return 0, "", {}
     pid = str(getattr(ds, "PatientID", "") or "")

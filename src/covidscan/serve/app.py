@@ -45,13 +45,13 @@ from starlette.formparsers import MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from covidscan import DISCLAIMER
-from covidscan.data.io import ImageData, ImageReadError, iter_image_bytes, modality_family, sniff_kind
+from covidscan.data.io import ImageData, ImageReadError, iter_image_bytes, routing_modality, sniff_kind
 from covidscan.serve import DEFAULT_MAX_UPLOAD_MB
 from covidscan.explain.overlay import colorize, png_bytes
-from covidscan.serve.predictor import EnsembleBundle, Bundle, SliceResult, load_bundle
-from covidscan.data.study import is_zip
-from covidscan.serve.router import BY_GATE, BY_STUDY, MODALITY_NAMES, NoModelForModality, Router, ServedBundle, bundle_name
-from covidscan.serve.study_view import StudyAnalysis, StudyView, StudyViews, analyse_routed_study, expand_uploads
+from covidscan.serve.predictor import EnsembleBundle, Bundle, SliceResult
+from covidscan.data.study import StudyFiles, is_zip
+from covidscan.serve.router import BY_GATE, BY_STUDY, NoModelForModality, Router, ServedBundle, load_router, modality_name
+from covidscan.serve.study_view import VIEW_MEMORY_BYTES, StudyAnalysis, StudyView, StudyViews, analyse_routed_study, expand_uploads
 
 log = logging.getLogger("covidscan.serve")
 
@@ -283,14 +283,15 @@ def create_app(
     threads: int = 0,
     concurrency: int = DEFAULT_CONCURRENCY,
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+    view_memory_mb: float = VIEW_MEMORY_BYTES / 1e6,
 ) -> FastAPI:
     """The service for one bundle or several (one per modality; serve/router.py). CORS stays off unless origins are given."""
     folders = [bundle_dirs] if isinstance(bundle_dirs, (str, Path)) else list(bundle_dirs)
-    router = Router([(bundle_name(folder), load_bundle(folder, threads=threads)) for folder in folders])
+    router = load_router(folders, threads=threads)
     for served in router.served:
         served.bundle.warm_up()
     bundle = router.default.bundle
-    modalities = " and ".join(dict.fromkeys(MODALITY_NAMES[s.modality] for s in router.served if s.modality)) or "chest images"
+    modalities = " and ".join(dict.fromkeys(modality_name(s.modality) for s in router.served if s.modality)) or "chest images"
     app = FastAPI(
         title="covidscan",
         version=bundle.version,
@@ -309,7 +310,7 @@ def create_app(
     # bounds memory, so keep every upload in memory instead. Process-wide: one service per process.
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, int(max_upload_mb * 1e6))
     errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 413, 415, 422)}
-    views = StudyViews()
+    views = StudyViews(max_bytes=int(view_memory_mb * 1e6))
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -350,12 +351,16 @@ def create_app(
         except NoModelForModality as exc:
             raise ApiError(422, "no model for this modality", str(exc)) from None
 
-    def analyse_file(data: bytes, name: str, heatmap: bool, budget: int,
+    def analyse_file(files: StudyFiles, name: str, heatmap: bool, budget: int,
                      study_model: ServedBundle | None) -> tuple[str, list[SliceResult], ServedBundle, str]:
         """Decode, choose the model (router; by the first slice's own Modality), resize as each slice arrives, analyse.
         In a worker thread. One candidate: one full-size slice in memory at a time; several: the file's slices are
         kept as decoded and each candidate analyses them (plain images only, where the gates decide)."""
         with busy:
+            try:
+                data = files[name]
+            except ImageReadError as exc:
+                raise ApiError(422, "unreadable zip", str(exc)) from None
             kind, images = _images(data, name)
             chosen: list[ServedBundle] = []
             routed_by = BY_STUDY
@@ -364,7 +369,7 @@ def create_app(
                 for image in images:
                     if not chosen:
                         chosen, routed_by = ([study_model], BY_STUDY) if study_model else candidates(
-                            kind, modality_family(image.meta.get("modality")), name)
+                            kind, routing_modality(image.meta.get("modality")), name)
                     if len(decoded) >= budget:
                         raise ApiError(413, "too many slices", f"{name}: more than {MAX_SLICES_PER_REQUEST} slices in one request")
                     decoded.append(chosen[0].bundle.prepare(image.pixels) if len(chosen) == 1 else image.pixels)
@@ -410,29 +415,28 @@ def create_app(
             named.append((f"#{position + 1} {(upload.filename or 'upload')[:120]}", await upload.read()))
             await upload.close()  # frees the in-memory spool: the bytes are now held once
         if study or any(is_zip(data) for _, data in named):
-            try:
-                named = await run_in_threadpool(expand_uploads, named)
-            except ImageReadError as exc:
-                raise ApiError(422, "unreadable zip", str(exc)) from None
-            if any(sniff_kind(data) == "dicom" for _, data in named):
-                analysis = await run_in_threadpool(analyse_dicom_study, named)
-                del named
+            contents, analysis = await run_in_threadpool(analyse_dicom_study, named)
+            if analysis is not None:
+                del named, contents
                 return _study_answer(analysis, started)
+        else:
+            contents = StudyFiles.in_memory(named)
+        del named  # from here each file (zip member) is read when its turn comes: one in memory at a time
         out_files: list[FileOut] = []
         all_results: list[SliceResult] = []
         failures: list[ApiError] = []
         lead: ServedBundle | None = None  # the model of the first answered file (a study's every file goes to it)
-        for name, data in named:
+        for name in contents:
             try:
                 kind, results, served, routed_by = await run_in_threadpool(
-                    analyse_file, data, name, heatmap, MAX_SLICES_PER_REQUEST - len(all_results), lead if study else None)
+                    analyse_file, contents, name, heatmap, MAX_SLICES_PER_REQUEST - len(all_results), lead if study else None)
                 out_files.append(_file_out(name, kind, results, heatmap, served, routed_by, in_study=study))
                 lead = lead or served
                 all_results += results
             except ApiError as exc:
                 failures.append(exc)
                 out_files.append(FileOut(file=name, kind="", slices=[], error=ErrorBody(error=exc.error, detail=exc.detail)))
-        del named
+        del contents
         if failures and len(failures) == len(files):  # nothing to show: answer with the error itself
             statuses = {f.status for f in failures}
             status = statuses.pop() if len(statuses) == 1 else 422
@@ -448,10 +452,18 @@ def create_app(
             timing_ms={"total": round(total_ms, 2)},
         )
 
-    def analyse_dicom_study(named: list[tuple[str, bytes]]) -> tuple[StudyAnalysis, ServedBundle, str]:
+    def analyse_dicom_study(named: list[tuple[str, bytes]]) -> tuple[StudyFiles, tuple[StudyAnalysis, ServedBundle, str] | None]:
+        """Zips opened (their members inflated one at a time, only when read) and, when any file is DICOM, the study
+        analysed; all inside the concurrency limit. In a worker thread."""
         with busy:
             try:
-                return analyse_routed_study(router, named, MAX_SLICES_PER_REQUEST)
+                files = expand_uploads(named)
+            except ImageReadError as exc:
+                raise ApiError(422, "unreadable zip", str(exc)) from None
+            try:
+                if not any(sniff_kind(files.head(name)) == "dicom" for name in files):
+                    return files, None
+                return files, analyse_routed_study(router, files, MAX_SLICES_PER_REQUEST)
             except ImageReadError as exc:
                 raise ApiError(422, "no usable slice", str(exc)) from None
             except NoModelForModality as exc:

@@ -1,10 +1,11 @@
 """A DICOM node for hospitals: receive a CT study from a PACS, analyse it, send the answer back as DICOM.
 
-`covidscan dicom-listen BUNDLE` runs a storage SCP (pynetdicom). Instances are
-held in memory per study; a study counts as complete when no instance of it
-has arrived for `idle_s` seconds (what Orthanc calls a stable study). It is
-then analysed exactly as the service analyses an upload (series choice, order,
-gate, the model card's study rule) and the answer goes back, by C-STORE, to the
+`covidscan dicom-listen BUNDLE` runs a storage SCP (pynetdicom). Each received
+instance goes to the spool on disk (serve/spool.py; bounded in bytes, kept over
+a restart); a study counts as complete when no instance of it has arrived for
+`idle_s` seconds (what Orthanc calls a stable study). It is then analysed
+exactly as the service analyses an upload (series choice, order, gate, the
+model card's study rule) and the answer goes back, by C-STORE, to the
 configured AE as
 
 - a Basic Text SR: study answer, probability, rule and threshold, slices used and
@@ -14,21 +15,40 @@ configured AE as
 
 Both are new series of the received study (its patient and study identifiers are
 copied into them, which PACS needs to file them); no patient field is ever
-logged: log lines name a study by the hash of its files.
+logged: log lines name a study by a hash, and errors from parsers are logged by
+type with every quoted value blanked (`errors.exception_summary`).
+
+A node that never dies silently: every failure while receiving, planning,
+analysing or sending is caught per instance or per study, logged, and the node
+goes on with the next. An instance it cannot use is refused (never queued); an
+answer the destination cannot take is retried later, and a destination that
+refuses one of the two answers still gets the other.
+
+Network hygiene (`NodeLimits`, each a `dicom-listen` option): at most
+`max_associations` associations at once and `per_peer` from one IP address (a
+peer over its share is disconnected at once, so one peer cannot starve the
+others); a connection must finish association negotiation within
+`connect_timeout_s` (the ARTIM timer, enforced by a watchdog even when a peer
+sends part of a PDU and stops); an association or a partial PDU silent for
+`idle_timeout_s` is closed (pynetdicom's network timeout); a DIMSE answer is
+awaited `dimse_timeout_s`.
 """
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from covidscan import DISCLAIMER
-from covidscan.errors import CovidscanError, ImageReadError
-from covidscan.serve.predictor import Bundle, EnsembleBundle, load_bundle
-from covidscan.serve.router import NoModelForModality, Router, bundle_name
+from covidscan.errors import CovidscanError, ImageReadError, exception_summary
+from covidscan.serve.predictor import Bundle, EnsembleBundle
+from covidscan.serve.router import NoModelForModality, load_router
+from covidscan.serve.spool import DEFAULT_SPOOL_BYTES, Spool, SpoolFull, default_spool_dir
 from covidscan.serve.study_view import StudyAnalysis, analyse_routed_study
 
 log = logging.getLogger("covidscan.dicom")
@@ -37,7 +57,26 @@ SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR Storage
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
 _PATIENT_AND_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
                       "StudyID", "AccessionNumber", "ReferringPhysicianName")
-MAX_PENDING_INSTANCES = 4096  # across studies: a sender that never stops is cut off here
+RETRY_S = 60.0  # an answer that could not be delivered is tried again after this long
+STATUS_SUCCESS, STATUS_OUT_OF_RESOURCES, STATUS_CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
+
+
+@dataclass(frozen=True)
+class NodeLimits:
+    """What one peer, or all of them, may hold of the node (module docstring); the defaults are documented in the README."""
+
+    max_associations: int = 16
+    per_peer: int = 4
+    connect_timeout_s: float = 10.0
+    idle_timeout_s: float = 30.0
+    dimse_timeout_s: float = 30.0
+    spool_bytes: int = DEFAULT_SPOOL_BYTES
+
+    def __post_init__(self) -> None:
+        if self.max_associations < 1 or not 1 <= self.per_peer <= self.max_associations:
+            raise CovidscanError(f"association limits: need 1 <= per-peer ({self.per_peer}) <= maximum ({self.max_associations})")
+        if min(self.connect_timeout_s, self.idle_timeout_s, self.dimse_timeout_s) <= 0:
+            raise CovidscanError("DICOM time-outs must be positive")
 
 
 @dataclass
@@ -55,20 +94,20 @@ class Destination:
         return cls(parts[0], int(parts[1]), parts[2])
 
 
-@dataclass
-class _PendingStudy:
-    files: list[tuple[str, bytes]] = field(default_factory=list)
-    last: float = field(default_factory=time.monotonic)
-    identifiers: object | None = None  # the patient and study module of one instance (for the answer only)
-
-
 def _identifiers(ds: object) -> object:
+    """The patient and study module the answer is filed under. Raises (whatever pydicom raises) when one of its
+    elements cannot be read or written, e.g. a PatientID stored with VR US: such an instance is refused on arrival."""
     from pydicom.dataset import Dataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
 
     kept = Dataset()
     for keyword in _PATIENT_AND_STUDY:
         if keyword in ds:  # type: ignore[operator]
             setattr(kept, keyword, getattr(ds, keyword))
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, kept)  # the answer will have to write them: fail now, not after the analysis
     return kept
 
 
@@ -173,104 +212,231 @@ def secondary_capture(analysis: StudyAnalysis, bundle: Bundle | EnsembleBundle, 
     return ds
 
 
-def send(datasets: list[object], destination: Destination, calling_ae: str) -> list[int]:
-    """C-STORE each data set to the destination; returns the statuses (0 = success)."""
+def send(datasets: list[object], destination: Destination, calling_ae: str, limits: NodeLimits | None = None) -> list[int | None]:
+    """C-STORE each data set to the destination; returns one status per data set (0 = success; None: the destination
+    accepts no presentation context for its SOP class, so it was not sent, and the others still were)."""
     from pynetdicom import AE
 
+    limits = limits or NodeLimits()
     ae = AE(ae_title=calling_ae)
+    ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = limits.connect_timeout_s, limits.dimse_timeout_s, limits.idle_timeout_s
     for ds in datasets:
         ae.add_requested_context(str(ds.SOPClassUID), "1.2.840.10008.1.2.1")  # type: ignore[attr-defined]
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
         raise CovidscanError(f"cannot reach {destination.ae_title} at {destination.host}:{destination.port} (association refused or failed)")
     try:
-        statuses = []
+        accepted = {str(context.abstract_syntax) for context in assoc.accepted_contexts}
+        statuses: list[int | None] = []
         for ds in datasets:
-            status = assoc.send_c_store(ds)
-            statuses.append(int(getattr(status, "Status", 0xC000)) if status else 0xC000)
+            if str(ds.SOPClassUID) not in accepted:  # type: ignore[attr-defined]
+                statuses.append(None)
+                continue
+            try:
+                status = assoc.send_c_store(ds)
+                statuses.append(int(getattr(status, "Status", 0xC000)) if status else 0xC000)
+            except Exception as exc:  # a refused or broken transfer of one answer must not stop the other
+                log.error("sending one answer to %s failed: %s", destination.ae_title, exception_summary(exc))
+                statuses.append(0xC000)
         return statuses
     finally:
         assoc.release()
 
 
+def quiet_pydicom() -> None:
+    """pydicom's value validation warns with the offending value in the text ("Invalid value for VR DA: '1901-02-03'"),
+    which would put patient fields into the log; the node reads as-is instead (values are validated where used)."""
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+
+def check_patient_key_secret() -> None:
+    """Fail at start, not at the first study, when the patient-key secret cannot be made or read (read-only home)."""
+    from covidscan.data.pseudonym import patient_key, secret_path
+
+    try:
+        patient_key("covidscan start-up check")
+    except OSError as exc:
+        raise CovidscanError(f"{secret_path()}: the patient-key secret cannot be created or read ({exc.strerror}); set "
+                             f"COVIDSCAN_SECRET_FILE to a writable file, or mount the installation's secret there") from None
+
+
+@dataclass
+class _Connection:
+    peer: str
+    opened: float
+    sock: socket.socket | None
+    established: bool = False
+
+
 class DicomListener:
-    """Storage SCP + study completion + answer by C-STORE. `start()` returns at once; `stop()` ends it."""
+    """Storage SCP + spool + study completion + answer by C-STORE. `start()` returns at once; `stop()` ends it."""
 
     def __init__(self, bundle_dirs: str | list[str], destination: Destination, port: int = 11112, host: str = "0.0.0.0",
-                 ae_title: str = "COVIDSCAN", idle_s: float = 10.0, max_slices: int = 1024) -> None:
-        """Several bundles: one per modality; each study goes to the model of its Modality tag (serve/router.py)."""
+                 ae_title: str = "COVIDSCAN", idle_s: float = 10.0, max_slices: int = 1024, spool_dir: str | Path | None = None,
+                 limits: NodeLimits | None = None) -> None:
+        """Several bundles: one per modality; each study goes to the model of its Modality tag (serve/router.py).
+        Fails here, with a clear error, when the spool folder or the patient-key secret cannot be written."""
+        check_patient_key_secret()
+        self.limits = limits or NodeLimits()
+        self.spool = Spool(Path(spool_dir) if spool_dir else default_spool_dir(), self.limits.spool_bytes)
         folders = [bundle_dirs] if isinstance(bundle_dirs, str) else list(bundle_dirs)
-        self.router = Router([(bundle_name(folder), load_bundle(folder)) for folder in folders])
+        self.router = load_router(folders)
         self.destination, self.port, self.host, self.ae_title, self.idle_s, self.max_slices = destination, port, host, ae_title, idle_s, max_slices
-        self.pending: dict[str, _PendingStudy] = {}
         self.lock = threading.Lock()
+        self.connections: dict[int, _Connection] = {}
         self.done = threading.Event()
         self.answered: list[str] = []  # study hashes answered, for callers and tests
         self.server: object | None = None
         self.worker: threading.Thread | None = None
 
+    # --- receiving -------------------------------------------------------------------------------------------
     def _on_store(self, event: object) -> int:
-        ds = event.dataset  # type: ignore[attr-defined]
-        key = str(getattr(ds, "StudyInstanceUID", "") or "no-study-uid")
-        data = event.encoded_dataset(include_meta=True)  # type: ignore[attr-defined]
+        """Spool one instance; refuse (never queue) one whose identifiers cannot be read or written."""
+        try:
+            ds = event.dataset  # type: ignore[attr-defined]
+            _identifiers(ds)
+            study_uid = str(getattr(ds, "StudyInstanceUID", "") or "no-study-uid")
+            instance_uid = str(getattr(ds, "SOPInstanceUID", "") or event.request.AffectedSOPInstanceUID)  # type: ignore[attr-defined]
+            self.spool.add(study_uid, instance_uid, event.encoded_dataset(include_meta=True))  # type: ignore[attr-defined]
+        except SpoolFull as exc:
+            log.warning("instance refused: %s", exc)
+            return STATUS_OUT_OF_RESOURCES
+        except Exception as exc:
+            log.warning("instance refused: %s", exception_summary(exc))
+            return STATUS_CANNOT_UNDERSTAND
+        return STATUS_SUCCESS
+
+    def _on_open(self, event: object) -> None:
+        """Count the peer's connections; one over its share (or over the total) is disconnected at once."""
+        assoc = event.assoc  # type: ignore[attr-defined]
+        peer = str(event.address[0])  # type: ignore[attr-defined]
+        sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
         with self.lock:
-            if sum(len(s.files) for s in self.pending.values()) >= MAX_PENDING_INSTANCES:
-                log.warning("instance refused: %d instances already waiting", MAX_PENDING_INSTANCES)
-                return 0xA700  # out of resources
-            study = self.pending.setdefault(key, _PendingStudy())
-            study.files.append((f"instance {len(study.files) + 1}", data))
-            study.last = time.monotonic()
-            if study.identifiers is None:
-                study.identifiers = _identifiers(ds)
-        return 0x0000
+            mine = sum(c.peer == peer for c in self.connections.values())
+            over = mine >= self.limits.per_peer or len(self.connections) >= self.limits.max_associations
+            if not over:
+                self.connections[id(assoc)] = _Connection(peer, time.monotonic(), sock)
+        if over:
+            log.warning("connection from %s closed: %s", peer, "over its per-peer limit" if mine >= self.limits.per_peer
+                        else "over the association limit")
+            _close(sock)
+
+    def _on_established(self, event: object) -> None:
+        with self.lock:
+            connection = self.connections.get(id(event.assoc))  # type: ignore[attr-defined]
+            if connection is not None:
+                connection.established = True
+
+    def _on_close(self, event: object) -> None:
+        with self.lock:
+            self.connections.pop(id(event.assoc), None)  # type: ignore[attr-defined]
+
+    def _enforce_connect_timeout(self) -> None:
+        """The ARTIM timer for peers that connect and never finish negotiating (a partial PDU blocks pynetdicom's own)."""
+        now = time.monotonic()
+        with self.lock:
+            late = [(key, c) for key, c in self.connections.items()
+                    if not c.established and now - c.opened > self.limits.connect_timeout_s]
+            for key, _ in late:
+                self.connections.pop(key, None)
+        for _, connection in late:
+            log.warning("connection from %s closed: no association within %.0f s", connection.peer, self.limits.connect_timeout_s)
+            _close(connection.sock)
 
     def start(self) -> None:
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
 
+        quiet_pydicom()
         ae = AE(ae_title=self.ae_title)
+        # the limits are enforced per connection in _on_open; pynetdicom's own count also holds connections being torn down
+        ae.maximum_associations = 4 * self.limits.max_associations
+        ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = (self.limits.connect_timeout_s, self.limits.dimse_timeout_s,
+                                                                 self.limits.idle_timeout_s)
         for context in StoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context("1.2.840.10008.1.1")  # verification (C-ECHO)
-        self.server = ae.start_server((self.host, self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_CONN_OPEN, self._on_open),
+                    (evt.EVT_ESTABLISHED, self._on_established), (evt.EVT_CONN_CLOSE, self._on_close)]
+        self.server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
         self.port = self.server.server_address[1]  # type: ignore[attr-defined]
-        self.worker = threading.Thread(target=self._watch, daemon=True)
+        self.worker = threading.Thread(target=self._watch, daemon=True, name="covidscan-dicom-studies")
         self.worker.start()
-        log.info("listening as %s on port %d; answers go to %s", self.ae_title, self.port, self.destination.ae_title)
+        waiting = self.spool.studies()
+        log.info("listening as %s on port %d; answers go to %s; %d association(s) at most, %d per peer; spool %s%s",
+                 self.ae_title, self.port, self.destination.ae_title, self.limits.max_associations, self.limits.per_peer,
+                 self.spool.root, f" ({len(waiting)} stud{'y' if len(waiting) == 1 else 'ies'} from before the restart)" if waiting else "")
 
     def stop(self) -> None:
         self.done.set()
         if self.server is not None:
             self.server.shutdown()  # type: ignore[attr-defined]
         if self.worker is not None:
-            self.worker.join(10)
+            self.worker.join(30)
 
+    # --- answering -------------------------------------------------------------------------------------------
     def _watch(self) -> None:
+        """The study loop: nothing that goes wrong with one study stops it."""
         while not self.done.wait(0.2):
-            now = time.monotonic()
-            with self.lock:
-                ready = [k for k, s in self.pending.items() if now - s.last >= self.idle_s]
-                studies = [self.pending.pop(k) for k in ready]
-            for study in studies:
-                self._answer(study)
+            self._enforce_connect_timeout()
+            for key in self.spool.ready(self.idle_s):
+                if self.done.is_set():
+                    return
+                try:
+                    claimed = self.spool.take(key)
+                except OSError as exc:
+                    log.error("study %s could not be taken from the spool: %s", key[:12], exception_summary(exc))
+                    continue
+                self._answer_safely(claimed)
 
-    def _answer(self, study: _PendingStudy) -> None:
+    def _answer_safely(self, key: str) -> None:
+        try:
+            delivered = self._answer(key)
+        except Exception as exc:  # a bug or an input no check foresaw: logged without values, the node goes on
+            log.error("study %s not answered: %s", key[:12], exception_summary(exc))
+            delivered = True  # analysing it again would fail again
+        if delivered:
+            self.spool.remove(key)
+        else:
+            self.spool.retry_later(key, RETRY_S)
+
+    def _answer(self, key: str) -> bool:
+        """Analyse the spooled study `key` and send the answer. False: keep it and try again later (not delivered)."""
+        from pydicom import dcmread
+
         started = time.perf_counter()
+        files = self.spool.files(key)
         try:
-            analysis, served, _ = analyse_routed_study(self.router, study.files, self.max_slices)
-        except ImageReadError as exc:
-            log.warning("study of %d instances not analysed: %s", len(study.files), exc.problem)
-            return
-        except NoModelForModality as exc:
-            log.warning("study of %d instances not analysed: %s", len(study.files), exc)
-            return
+            analysis, served, _ = analyse_routed_study(self.router, files, self.max_slices)
+        except (ImageReadError, NoModelForModality) as exc:
+            log.warning("study %s of %d instances not analysed: %s", key[:12], len(files), getattr(exc, "problem", None) or exc)
+            return True
+        first = self.spool.first_file(key)
+        identifiers = _identifiers(dcmread(first, stop_before_pixels=True)) if first else None
         lines = answer_lines(analysis, served.bundle)
-        reply = [structured_report(lines, study.identifiers), secondary_capture(analysis, served.bundle, lines, study.identifiers)]
+        reply = [structured_report(lines, identifiers), secondary_capture(analysis, served.bundle, lines, identifiers)]
         try:
-            statuses = send(reply, self.destination, self.ae_title)
+            statuses = send(reply, self.destination, self.ae_title, self.limits)
         except CovidscanError as exc:
-            log.error("study %s analysed, answer not delivered: %s", analysis.study_hash[:12], exc)
-            return
+            log.error("study %s analysed, answer not delivered (tried again in %.0f s): %s", analysis.study_hash[:12], RETRY_S, exc)
+            return False
+        for kind, status in zip(("SR", "heat-map Secondary Capture"), statuses):
+            if status is None:
+                log.error("study %s: %s not sent: %s accepts no presentation context for it", analysis.study_hash[:12], kind,
+                          self.destination.ae_title)
         self.answered.append(analysis.study_hash)
-        log.info("study %s: %d slices analysed in %.1f s, %d file(s) skipped; SR and heat map sent to %s (statuses %s)",
+        log.info("study %s: %d slices analysed in %.1f s, %d file(s) skipped; answer sent to %s (statuses %s)",
                  analysis.study_hash[:12], len(analysis.results), time.perf_counter() - started, len(analysis.skipped),
-                 self.destination.ae_title, ",".join(f"0x{s:04X}" for s in statuses))
+                 self.destination.ae_title, ",".join("not accepted" if s is None else f"0x{s:04X}" for s in statuses))
+        return True
+
+
+def _close(sock: socket.socket | None) -> None:
+    """Disconnect a peer: a blocked read in pynetdicom's thread returns and the association ends."""
+    if sock is None:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass

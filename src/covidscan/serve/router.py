@@ -3,7 +3,8 @@
 The rule, in order:
 1. one bundle: it answers everything (its gate still refuses what is unlike its training images);
 2. a DICOM file: its Modality tag (CT; CR or DX = chest X-ray) picks the bundle trained on that modality;
-   a NIfTI volume is CT; no bundle for that modality is a clear 422, never a guess by another model;
+   a NIfTI volume is CT; no bundle for that modality is a clear 422, never a guess by another model; every other
+   Modality (MR, US, PT, NM, XA, MG, OT, ...) is refused by name (no model here is trained on it);
 3. anything else (PNG, JPEG, ...): every candidate's input gate measures the image, and the bundle whose gate
    accepts it, closest to its training images (distance / the gate's threshold), answers.
 A bundle's modality comes from its model card (`training_data.modality`, recorded at training time from the
@@ -15,9 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from covidscan.errors import CovidscanError
-from covidscan.serve.predictor import Bundle, EnsembleBundle, SliceResult
+from covidscan.serve.predictor import Bundle, EnsembleBundle, SliceResult, load_bundle
 
 MODALITY_NAMES = {"CT": "chest CT", "CXR": "chest X-ray", "": "unknown modality"}
+
+
+def modality_name(modality: str) -> str:
+    """'chest CT', 'chest X-ray', 'unknown modality', or 'MR' style DICOM tags as 'DICOM modality MR'."""
+    return MODALITY_NAMES.get(modality, f"DICOM modality {modality}")
 BY_TAG, BY_VOLUME, BY_GATE, ONLY = "DICOM Modality tag", "NIfTI volume (CT)", "input gates", "the only model served"
 BY_STUDY = "the study's first file"  # the other files of a study go to the model that answered its first
 
@@ -38,7 +44,7 @@ class ServedBundle:
         return {"CT": "chest CT slices", "CXR": "chest X-rays"}.get(self.modality, "images")
 
     def describe(self) -> dict[str, object]:
-        return {"name": self.name, "modality": self.modality, "modality_name": MODALITY_NAMES[self.modality], **self.bundle.describe()}
+        return {"name": self.name, "modality": self.modality, "modality_name": modality_name(self.modality), **self.bundle.describe()}
 
 
 class NoModelForModality(CovidscanError):
@@ -61,7 +67,7 @@ class Router:
         by_modality: dict[str, str] = {}
         for served in self.served:
             if served.modality and served.modality in by_modality:
-                raise CovidscanError(f"two bundles were trained on {MODALITY_NAMES[served.modality]}: {by_modality[served.modality]} and "
+                raise CovidscanError(f"two bundles were trained on {modality_name(served.modality)}: {by_modality[served.modality]} and "
                                      f"{served.name}; serve one model per modality (an ensemble combines networks: `covidscan ensemble`)")
             by_modality[served.modality] = served.name
 
@@ -81,10 +87,14 @@ class Router:
             return list(self.served), ONLY if len(self.served) == 1 else BY_GATE
         matching = [s for s in self.served if s.modality == wanted] or [s for s in self.served if not s.modality]
         if not matching:
-            offered = ", ".join(f"{s.name} ({MODALITY_NAMES[s.modality]})" for s in self.served)
-            raise NoModelForModality(f"{where}: a {MODALITY_NAMES[wanted]} image, and no model served here was trained on that modality "
+            offered = ", ".join(f"{s.name} ({modality_name(s.modality)})" for s in self.served)
+            raise NoModelForModality(f"{where}: a {modality_name(wanted)} image, and no model served here was trained on that modality "
                                      f"(served: {offered}); no prediction is given")
         return matching, ONLY if len(self.served) == 1 else how
+
+    def can_serve(self, modality: str) -> bool:
+        """Whether a DICOM series of this routing modality ('CT', 'CXR', 'MR', '') has a model here (`candidates`)."""
+        return not modality or any(s.modality in (modality, "") for s in self.served)
 
     @staticmethod
     def closest(answers: list[tuple[ServedBundle, list[SliceResult]]]) -> int:
@@ -97,6 +107,17 @@ class Router:
             return -sum(r.in_distribution for r in results), ratio
 
         return min(range(len(answers)), key=rank)
+
+
+def load_router(folders: list[str] | list[Path], threads: int = 0) -> Router:
+    """The served bundles of the service or the DICOM node; the same folder given twice is refused, not served twice."""
+    seen: dict[Path, str] = {}
+    for folder in folders:
+        resolved = Path(folder).resolve()
+        if resolved in seen:
+            raise CovidscanError(f"{folder}: the same bundle is given twice (as {seen[resolved]} too); give each bundle once")
+        seen[resolved] = str(folder)
+    return Router([(bundle_name(folder), load_bundle(folder, threads=threads)) for folder in folders])
 
 
 def bundle_name(folder: str | Path) -> str:

@@ -8,9 +8,9 @@ read and slices the input gate refuses are reported, never fatal.
 
 What the viewer needs afterwards (display slices at `VIEW_SIZE` px, in HU for
 CT DICOM so the page can switch window presets, and each slice's heat map) is
-kept in memory under a random study ID for `VIEW_TTL_S`, at most `MAX_VIEWS`
-studies: about 60 MB for 300 CT slices (HU as int16 and the heat maps as uint8, 256 px). Nothing is written to disk and no patient
-field is kept.
+kept in memory under a random study ID for `VIEW_TTL_S`, bounded by bytes (`VIEW_MEMORY_BYTES`, the oldest
+view forgotten first): about 60 MB for 300 CT slices (HU as int16 and the heat maps as uint8, 256 px), so the
+default holds about ten such studies. Nothing is written to disk and no patient field is kept.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,14 +27,14 @@ from PIL import Image
 
 from covidscan.data.intensity import LUNG_WINDOW
 from covidscan.data.preprocess import prepare_with_box
-from covidscan.data.study import StudyPlan, is_zip, iter_study_images, plan_files, zip_members
+from covidscan.data.study import StudyFiles, StudyPlan, ZipStudy, is_zip, iter_study_images, plan_files
 from covidscan.errors import ImageReadError
 from covidscan.explain.overlay import colorize, png_bytes
 from covidscan.serve.predictor import Bundle, EnsembleBundle, SliceResult
 from covidscan.serve.router import Router, ServedBundle
 
 VIEW_SIZE = 256
-MAX_VIEWS = 4
+VIEW_MEMORY_BYTES = 600_000_000  # all kept views together (`covidscan serve --view-memory-mb`)
 VIEW_TTL_S = 1800.0
 # CT window presets (low, high) in HU: lung = the model's own window (W1500/L-600), mediastinum (soft tissue)
 # W400/L40, bone W1800/L400.
@@ -51,6 +51,10 @@ class StudyView:
     heat: np.ndarray  # (n, S, S) uint8: the heat map placed where the model looked
     sources: list[str]
     created: float = field(default_factory=time.monotonic)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.hu, self.gray, self.heat) if a is not None)
 
     @property
     def windows(self) -> list[str]:
@@ -80,20 +84,27 @@ class StudyView:
 
 
 class StudyViews:
-    """The last few analysed studies, by random ID, forgotten after `ttl_s` (thread-safe)."""
+    """The analysed studies' views, by random ID, forgotten after `ttl_s` or, oldest first, when together they would
+    hold more than `max_bytes` (thread-safe)."""
 
-    def __init__(self, limit: int = MAX_VIEWS, ttl_s: float = VIEW_TTL_S) -> None:
-        self.limit, self.ttl_s = limit, ttl_s
+    def __init__(self, max_bytes: int = VIEW_MEMORY_BYTES, ttl_s: float = VIEW_TTL_S) -> None:
+        self.max_bytes, self.ttl_s = max_bytes, ttl_s
         self._views: OrderedDict[str, StudyView] = OrderedDict()
         self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(view.nbytes for view in self._views.values())
 
     def add(self, view: StudyView) -> str:
         key = secrets.token_urlsafe(16)
         with self._lock:
             self._expire()
             self._views[key] = view
-            while len(self._views) > self.limit:
-                self._views.popitem(last=False)
+            held = sum(v.nbytes for v in self._views.values())
+            while held > self.max_bytes and len(self._views) > 1:
+                held -= self._views.popitem(last=False)[1].nbytes
         return key
 
     def get(self, key: str) -> StudyView | None:
@@ -122,15 +133,13 @@ def _place_heat(heat: np.ndarray, seen: tuple[float, float, float, float], size:
     return out
 
 
-def expand_uploads(named: Iterable[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
-    """Zips of DICOM folders opened into their files (named 'upload:member'); other files as they are."""
-    out: list[tuple[str, bytes]] = []
+def expand_uploads(named: Iterable[tuple[str, bytes]]) -> StudyFiles:
+    """Zips of DICOM folders opened into their files (named 'upload:member', inflated one at a time when read); other
+    files as they are. Only the zips' directories are read here (their counts and declared sizes checked)."""
+    files = StudyFiles({})
     for name, data in named:
-        if is_zip(data):
-            out += [(f"{name}:{member}", content) for member, content in zip_members(data, name)]
-        else:
-            out.append((name, data))
-    return out
+        files = files.merged(ZipStudy(data, name).files(f"{name}:") if is_zip(data) else StudyFiles.in_memory([(name, data)]))
+    return files
 
 
 @dataclass
@@ -143,10 +152,9 @@ class StudyAnalysis:
     study_hash: str  # SHA-256 over the analysed files' own hashes, in order: names the study without a patient field
 
 
-def analyse_study(bundle: Bundle | EnsembleBundle, named: list[tuple[str, bytes]], max_slices: int, plan: StudyPlan | None = None) -> StudyAnalysis:
+def analyse_study(bundle: Bundle | EnsembleBundle, data: Mapping[str, bytes], max_slices: int, plan: StudyPlan | None = None) -> StudyAnalysis:
     """Plan (unless planned), decode in order, analyse (heat maps for every slice). Raises ImageReadError when no slice is usable."""
-    plan = plan or plan_files(named)
-    data = dict(named)
+    plan = plan or plan_files(data.items())
     method = bundle.model_card.preprocess
     prepared, sources, hu, gray, seen_boxes = [], [], [], [], []
     skipped = list(plan.skipped)
@@ -174,10 +182,12 @@ def analyse_study(bundle: Bundle | EnsembleBundle, named: list[tuple[str, bytes]
     return StudyAnalysis(plan, results, sources, view, skipped, digest.hexdigest())
 
 
-def analyse_routed_study(router: Router, named: list[tuple[str, bytes]], max_slices: int) -> tuple[StudyAnalysis, ServedBundle, str]:
+def analyse_routed_study(router: Router, named: Mapping[str, bytes] | list[tuple[str, bytes]], max_slices: int
+                         ) -> tuple[StudyAnalysis, ServedBundle, str]:
     """Plan the series, pick the model by its Modality tag (or, unknown, by the gates: the closest answer), analyse
     every slice. Raises ImageReadError (no usable slice) or router.NoModelForModality."""
-    plan = plan_files(named)
+    named = named if isinstance(named, Mapping) else StudyFiles.in_memory(named)
+    plan = plan_files(named.items(), router.can_serve)
     modality = next((header.modality for header in plan.slices if header.modality), "")
     chosen, routed_by = router.candidates("dicom", modality, "the study")
     answers = [(served, analyse_study(served.bundle, named, max_slices, plan)) for served in chosen]
