@@ -280,6 +280,13 @@ def cases(scale: str = "ci") -> Iterator[Case]:
     yield one("elf", b"\x7fELF" + b"\0" * 200, (415,))
     yield one("zip", b"PK\x03\x04" + b"\0" * 200, (422,), "x.zip", "application/zip")  # zips of DICOM folders are studies: a broken one is unreadable
     yield one("webp", b"RIFF\x24\x00\x00\x00WEBPVP8 " + b"\0" * 40, (415,))
+    # --- zips of studies (issue 30): checked from their directory, members inflated one at a time, never past what they declare
+    yield one("zip member declares 300 MB", zip_declaring(300_000_000), (422,), "x.zip", "application/zip")
+    yield one("zip of zeros over the per-file limit", zeros_zip(300_000_000 if full else 257_000_000, 1), (422,), "x.zip", "application/zip")
+    yield one("zip of many zero members", zeros_zip(950_000, 2048 if full else 64), (200, 415, 422), "x.zip", "application/zip")
+    yield one("zip member lying about its size", zip_declaring(40), (422,), "x.zip", "application/zip")
+    yield one("zip of a dicom and a text file", zip_of({"S/IM1": dicom(), "S/notes.txt": b"a note"}), ok_or_gate, "x.zip", "application/zip")
+    yield one("zip of a dicom tagged US", zip_of({"S/IM1": dicom(modality="US")}), ok_or_gate, "x.zip", "application/zip")
     yield one("gzip of text", gzip.compress(b"not a volume " * 100), (415, 422), "x.nii.gz", GZIP)
     yield one("gzip bomb of zeros", gzip_bomb((2 << 30) if full else (64 << 20)), (413, 415, 422), "x.nii.gz", GZIP)
     yield one("gzip of a png", gzip.compress(good), (415, 422), "x.nii.gz", GZIP)
@@ -437,6 +444,35 @@ def cases(scale: str = "ci") -> Iterator[Case]:
     yield Case("locked: non-ASCII key", [("x.png", good, PNG)], (401,), locked=True, headers={"X-API-Key": "clé-ünïcode"})
     yield Case("locked: very long key", [("x.png", good, PNG)], (401,), locked=True, headers={"X-API-Key": "k" * 8000})
     yield Case("locked: right key", [("x.png", good, PNG)], ok_or_gate, locked=True, headers={"X-API-Key": "s3cret"})
+
+
+def zip_of(members: dict[str, bytes]) -> bytes:
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def zeros_zip(member_bytes: int, count: int) -> bytes:
+    """`count` members of `member_bytes` zeros (about 1000:1)."""
+    import zipfile
+
+    buffer, zeros = io.BytesIO(), b"\0" * member_bytes
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        for index in range(count):
+            archive.writestr(f"zeros-{index:04d}", zeros)
+    return buffer.getvalue()
+
+
+def zip_declaring(size: int) -> bytes:
+    """A zip of one 5,000-byte member whose central directory declares `size` bytes (a lie either way)."""
+    data = bytearray(zip_of({"IM1": b"\1" * 5000}))
+    central = data.rindex(b"PK\x01\x02")
+    struct.pack_into("<I", data, central + 24, size)
+    return bytes(data)
 
 
 def _big_endian_nifti(volume: np.ndarray) -> bytes:

@@ -37,8 +37,10 @@ def _study(tiny_run: Path, folder: Path, number: int, count: int = 4) -> list[Pa
         ds = dcmread(path)
         ds.StudyInstanceUID, ds.PatientName, ds.PatientID, ds.AccessionNumber = study_uid, PHI_NAME, PHI_ID, PHI_ACCESSION
         ds.save_as(path, enforce_file_format=True)
-        data = path.read_bytes()  # a birth date pydicom refuses to write: swap the bytes in
-        path.write_bytes(data.replace(b"\x10\x00\x30\x00DA\x08\x0019700101", b"\x10\x00\x30\x00DA\x0a\x00" + PHI_BIRTH.encode()))
+        data = path.read_bytes()  # a birth date pydicom would warn about, quoting it: swap the bytes in
+        birth = b"\x10\x00\x30\x00DA\x08\x0019700101"
+        assert data.count(birth) == 1
+        path.write_bytes(data.replace(birth, b"\x10\x00\x30\x00DA\x0a\x00" + PHI_BIRTH.encode()))
     return paths
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from covidscan.data import io as cio
-from covidscan.data.study import plan_files, plan_study, read_header, zip_members
+from covidscan.data.study import ZipStudy, plan_files, plan_study, read_header
 from covidscan.errors import ImageReadError
 from dicom_helpers import FAKE_PATIENT_ID, LOSSLESS_SYNTAXES, chest_volume, write_ct_series
 
@@ -91,15 +91,15 @@ def test_zip_of_a_dicom_folder_is_read_and_a_zip_bomb_is_refused(tmp_path: Path)
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for p in paths:
             archive.write(p, f"EXPORT/SERIES1/{p.name}")
-    names = [name for name, _ in zip_members(buffer.getvalue(), "study.zip")]
+    names = list(ZipStudy(buffer.getvalue(), "study.zip").files())
     assert sorted(names) == sorted(f"EXPORT/SERIES1/{p.name}" for p in paths)
     bomb = io.BytesIO()
     with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("zeros", b"\0" * 3_000_000)
     with pytest.raises(ImageReadError, match="bomb.zip: zip inflates to 3 MB; the limit is 1 MB"):
-        list(zip_members(bomb.getvalue(), "bomb.zip", max_bytes=1_000_000))
+        ZipStudy(bomb.getvalue(), "bomb.zip", max_bytes=1_000_000)
     with pytest.raises(ImageReadError, match="x.zip: not a readable zip"):
-        list(zip_members(b"PK\x03\x04garbage", "x.zip"))
+        ZipStudy(b"PK\x03\x04garbage", "x.zip")
 
 
 @pytest.mark.parametrize("orientation", [(1, 0, 0, 0, 1, 0), (-1, 0, 0, 0, 1, 0), (1, 0, 0, 0, -1, 0), (0, 1, 0, 1, 0, 0)])
@@ -176,8 +176,6 @@ def test_zip_members_are_inflated_one_at_a_time_when_read_and_checked_while_infl
     """Opening a zip reads its directory only; reading a member's head inflates a few bytes; a member that inflates
     past its declared size is refused while inflating; one over the per-file limit is refused before inflating."""
     import tracemalloc
-
-    from covidscan.data.study import ZipStudy
 
     data = _zip({f"zeros-{i}": b"\0" * 20_000_000 for i in range(3)})  # 60 MB inflated, 60 kB sent
     tracemalloc.start()

@@ -448,10 +448,10 @@ def predict_command(
     pixels: list[np.ndarray] = []
     for path in images:
         if path.is_dir() or path.suffix.lower() == ".zip":
-            named = read_study_input(path)
-            plan = plan_files(named)
+            files = read_study_input(path)
+            plan = plan_files(files.items())
             skipped = list(plan.skipped)
-            for source, image in iter_study_images(plan, dict(named), skipped):
+            for source, image in iter_study_images(plan, files, skipped):
                 names.append(f"{path}/{source}")
                 pixels.append(image.pixels)
             _log(f"{path}: {plan.describe()}" + "".join(f"\n  skipped {s}: {r}" for s, r in skipped))

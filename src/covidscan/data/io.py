@@ -273,6 +273,15 @@ def is_ct(ds: object) -> bool:
 MODALITY_FAMILY = {"CT": "CT", "CR": "CXR", "DX": "CXR"}
 
 
+def quiet_pydicom() -> None:
+    """pydicom's value validation warns with the offending value in the text ("Invalid value for VR DA: '1901-02-03'"),
+    which would put patient fields into a log; services read values as they are instead (each is checked where it is
+    used). Process-wide: called by the DICOM node and the web service at start."""
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+
 def modality_family(dicom_modality: object) -> str:
     """'CT', 'CXR' or '' for a DICOM Modality value."""
     return MODALITY_FAMILY.get(str(dicom_modality or "").strip().upper(), "")
@@ -333,16 +342,17 @@ def radiological(frame: np.ndarray, ds: object) -> np.ndarray:
     return np.ascontiguousarray(frame)
 
 
-def _dicom_meta(ds: object, raw: np.ndarray) -> dict[str, object]:
-    """Technical fields only; the patient becomes a keyed hash (`patient_key`), never a name, ID or birth date."""
+def _dicom_meta(ds: object, shape: tuple[int, ...]) -> dict[str, object]:
+    """Technical fields only; the patient becomes a keyed hash (`patient_key`), never a name, ID or birth date.
+    `shape`: (frames, rows, columns)."""
     meta: dict[str, object] = {
         "format": "DICOM",
         "mode": str(getattr(ds, "PhotometricInterpretation", "")),
-        "width": int(raw.shape[2]),
-        "height": int(raw.shape[1]),
+        "width": int(shape[2]),
+        "height": int(shape[1]),
         "bit_depth": int(_float_attr(ds, "BitsStored", 0)),
         "modality": str(getattr(ds, "Modality", "") or ""),
-        "frames": int(raw.shape[0]),
+        "frames": int(shape[0]),
     }
     if getattr(ds, "PatientID", ""):
         meta["patient_key"] = patient_key(str(ds.PatientID))  # type: ignore[attr-defined]
@@ -354,7 +364,7 @@ def _decoded_dicom(data: bytes, where: str, max_pixels: int) -> tuple[object, np
     ds = _dicom_dataset(data, where)
     try:
         raw = _dicom_frames(ds, where, max_pixels)
-        meta = _dicom_meta(ds, raw)
+        meta = _dicom_meta(ds, raw.shape)
     except ImageReadError:
         raise
     except Exception as exc:  # a malformed element (e.g. Rows stored in 3 bytes) raises whatever pydicom raises
@@ -365,10 +375,58 @@ def _decoded_dicom(data: bytes, where: str, max_pixels: int) -> tuple[object, np
 
 def iter_dicom(data: bytes, where: str, ct_window: tuple[float, float] = LUNG_WINDOW, max_pixels: int = MAX_PIXELS,
                keep_hu: bool = False) -> Iterator[ImageData]:
-    """Every frame of a DICOM file, decoded once (with `keep_hu`, CT frames also in HU)."""
+    """Every frame of a DICOM file, decoded once (with `keep_hu`, CT frames also in HU). A multi-frame file is
+    decoded one frame at a time from its bytes (`_iter_frames`), so a 300-frame CT never holds its stored values twice."""
+    header = _multi_frame_header(data)
+    if header is not None:
+        yield from _iter_frames(data, header, where, ct_window, max_pixels, keep_hu)
+        return
     ds, raw, meta = _decoded_dicom(data, where, max_pixels)
     for frame in raw:
         yield _frame_image(ds, frame, dict(meta), ct_window, keep_hu, where)
+
+
+def _multi_frame_header(data: bytes) -> object | None:
+    """The header (no pixel data read) of an uncompressed-or-encapsulated multi-frame file, else None (single frames
+    and deflated files take the whole-file path)."""
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        frames = int(header.get("NumberOfFrames") or 1)
+        syntax = str(header.file_meta.get("TransferSyntaxUID", "")) if hasattr(header, "file_meta") else ""
+    except Exception:
+        return None  # the whole-file path reports what is wrong
+    return header if frames > 1 and syntax and syntax != _DEFLATED else None
+
+
+def _iter_frames(data: bytes, header: object, where: str, ct_window: tuple[float, float], max_pixels: int, keep_hu: bool
+                 ) -> Iterator[ImageData]:
+    from pydicom.pixels import iter_pixels
+
+    try:
+        _declared_pixel_bytes(header, where, max_pixels)
+        rows, columns, frames = int(header.Rows), int(header.Columns), int(header.NumberOfFrames)  # type: ignore[attr-defined]
+        meta = _dicom_meta(header, (frames, rows, columns))
+        decoded = iter_pixels(io.BytesIO(data))
+    except ImageReadError:
+        raise
+    except Exception as exc:
+        raise ImageReadError(where, f"malformed DICOM header ({exception_summary(exc)})") from None
+    produced = 0
+    while True:
+        try:
+            frame = next(decoded, None)
+        except Exception as exc:  # pydicom raises many types for unsupported/corrupt pixel data
+            raise ImageReadError(where, f"cannot decode DICOM pixel data of frame {produced + 1} ({exception_summary(exc)})") from None
+        if frame is None:
+            break
+        if frame.shape != (rows, columns):
+            raise ImageReadError(where, f"expected 2-D grayscale DICOM frames of {columns}x{rows}, got shape {frame.shape}")
+        produced += 1
+        yield _frame_image(header, frame, dict(meta), ct_window, keep_hu, where)
+    if produced == 0:
+        raise ImageReadError(where, "DICOM file holds no pixel data")
 
 
 def _frame_image(ds: object, frame: np.ndarray, meta: dict[str, object], ct_window: tuple[float, float], keep_hu: bool,

@@ -239,20 +239,20 @@ class ZipStudy:
     def read(self, info: zipfile.ZipInfo, limit: int | None = None) -> bytes:
         """One member inflated (at most `limit` bytes of it), never past its declared size (+1 byte to see a lie)."""
         wanted = info.file_size + 1 if limit is None else min(limit, info.file_size + 1)
-        chunks, total = [], 0
+        out, total = io.BytesIO(), 0  # grows in place: the member is held once (joining chunks held it twice)
         try:
             with self.archive.open(info) as member:
                 while total < wanted:
                     chunk = member.read(min(1 << 20, wanted - total))
                     if not chunk:
                         break
-                    chunks.append(chunk)
+                    out.write(chunk)
                     total += len(chunk)
         except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, RuntimeError, EOFError) as exc:
             raise ImageReadError(f"{self.where}:{info.filename}", f"cannot extract from the zip ({exception_summary(exc)})") from None
         if total > info.file_size:
             raise ImageReadError(f"{self.where}:{info.filename}", "zip member is larger than its header declares (zip bomb?)")
-        return b"".join(chunks)
+        return out.getvalue()
 
     def files(self, prefix: str = "") -> StudyFiles:
         """The members as StudyFiles named `prefix` + member name (a repeated name gets ' (2)', ' (3)', ...)."""
@@ -265,13 +265,6 @@ class ZipStudy:
             readers[name] = lambda info=info: self.read(info)
             heads[name] = lambda info=info: self.read(info, SNIFF_BYTES)
         return StudyFiles(readers, heads)
-
-
-def zip_members(data: bytes, where: str, max_files: int = MAX_STUDY_FILES, max_bytes: int = MAX_ZIP_BYTES) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of every file in a zip of a DICOM folder, one inflated at a time (`ZipStudy`)."""
-    files = ZipStudy(data, where, max_files, max_bytes).files()
-    for name in files:
-        yield name, files[name]
 
 
 def is_zip(data: bytes) -> bool:
@@ -322,15 +315,15 @@ def iter_study_images(plan: StudyPlan, data: Mapping[str, bytes], skipped: list[
             skipped.append((header.source + (f" from frame {produced + 1}" if produced else ""), exc.problem))
 
 
-def read_study_input(path: Path) -> list[tuple[str, bytes]]:
-    """(name, bytes) of every file of a study given as a folder (any depth) or a zip; names relative to it."""
+def read_study_input(path: Path) -> StudyFiles:
+    """Every file of a study given as a folder (any depth) or a zip, named relative to it, each read when asked."""
     path = Path(path)
     if path.is_dir():
-        return [(str(p.relative_to(path)), p.read_bytes()) for p in folder_files(path)]
+        return folder_study(path)
     data = path.read_bytes()
     if not is_zip(data):
         raise ImageReadError(path, "a study is a folder of DICOM files or a zip of one")
-    return list(zip_members(data, str(path)))
+    return ZipStudy(data, str(path)).files()
 
 
 def folder_study(folder: Path, max_files: int = MAX_STUDY_FILES) -> StudyFiles:

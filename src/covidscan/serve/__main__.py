@@ -16,7 +16,7 @@ MAX_CONNECTIONS = 16  # open connections; beyond this uvicorn answers 503 (each 
 def run_server(bundles: str | list[str], host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
                api_key: str | None = None, cors_origins: list[str] | None = None, threads: int = 0,
                concurrency: int = 2, read_timeout_s: float = 30.0, max_connections: int = MAX_CONNECTIONS,
-               view_memory_mb: float = 600.0) -> None:
+               view_memory_mb: float = 320.0) -> None:
     import uvicorn
 
     from covidscan.serve.app import create_app
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2, help="uploads decoded and analysed at once (bounds memory)")
     parser.add_argument("--read-timeout", type=float, default=30.0, help="seconds a request body may stall before 408")
     parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, help="open connections before 503")
-    parser.add_argument("--view-memory-mb", type=float, default=600.0, help="memory for the study viewer's kept studies (oldest go first)")
+    parser.add_argument("--view-memory-mb", type=float, default=320.0, help="memory for the study viewer's kept studies (oldest go first)")
     args = parser.parse_args()
     try:
         run_server(args.bundles, args.host, args.port, args.max_upload_mb, args.api_key, args.cors_origin, args.threads,

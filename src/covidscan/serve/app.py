@@ -45,13 +45,14 @@ from starlette.formparsers import MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from covidscan import DISCLAIMER
-from covidscan.data.io import ImageData, ImageReadError, iter_image_bytes, routing_modality, sniff_kind
+from covidscan.data.io import ImageData, ImageReadError, iter_image_bytes, quiet_pydicom, routing_modality, sniff_kind
 from covidscan.serve import DEFAULT_MAX_UPLOAD_MB
 from covidscan.explain.overlay import colorize, png_bytes
 from covidscan.serve.predictor import EnsembleBundle, Bundle, SliceResult
 from covidscan.data.study import StudyFiles, is_zip
 from covidscan.serve.router import BY_GATE, BY_STUDY, NoModelForModality, Router, ServedBundle, load_router, modality_name
-from covidscan.serve.study_view import VIEW_MEMORY_BYTES, StudyAnalysis, StudyView, StudyViews, analyse_routed_study, expand_uploads
+from covidscan.serve.study_view import (VIEW_MEMORY_BYTES, StudyAnalysis, StudyView, StudyViews, analyse_routed_study, expand_uploads,
+                                        release_memory)
 
 log = logging.getLogger("covidscan.serve")
 
@@ -287,6 +288,7 @@ def create_app(
 ) -> FastAPI:
     """The service for one bundle or several (one per modality; serve/router.py). CORS stays off unless origins are given."""
     folders = [bundle_dirs] if isinstance(bundle_dirs, (str, Path)) else list(bundle_dirs)
+    quiet_pydicom()
     router = load_router(folders, threads=threads)
     for served in router.served:
         served.bundle.warm_up()
@@ -358,6 +360,7 @@ def create_app(
         kept as decoded and each candidate analyses them (plain images only, where the gates decide)."""
         with busy:
             try:
+                _images(files.head(name), name)  # an unsupported type is refused from its first bytes, before the rest is read
                 data = files[name]
             except ImageReadError as exc:
                 raise ApiError(422, "unreadable zip", str(exc)) from None
@@ -418,7 +421,10 @@ def create_app(
             contents, analysis = await run_in_threadpool(analyse_dicom_study, named)
             if analysis is not None:
                 del named, contents
-                return _study_answer(analysis, started)
+                answer = _study_answer(analysis, started)
+                del analysis
+                release_memory()  # a study's transient arrays are freed: return the heap (RSS stays near its start)
+                return answer
         else:
             contents = StudyFiles.in_memory(named)
         del named  # from here each file (zip member) is read when its turn comes: one in memory at a time
@@ -437,7 +443,7 @@ def create_app(
                 failures.append(exc)
                 out_files.append(FileOut(file=name, kind="", slices=[], error=ErrorBody(error=exc.error, detail=exc.detail)))
         del contents
-        if failures and len(failures) == len(files):  # nothing to show: answer with the error itself
+        if failures and len(failures) == len(out_files):  # nothing to show (every file, or zip member): answer with the error itself
             statuses = {f.status for f in failures}
             status = statuses.pop() if len(statuses) == 1 else 422
             raise ApiError(status, failures[0].error if len(failures) == 1 else "no usable file",

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from covidscan import DISCLAIMER
+from covidscan.data.io import quiet_pydicom
 from covidscan.errors import CovidscanError, ImageReadError, exception_summary
 from covidscan.serve.predictor import Bundle, EnsembleBundle
 from covidscan.serve.router import NoModelForModality, load_router
@@ -241,14 +242,6 @@ def send(datasets: list[object], destination: Destination, calling_ae: str, limi
         return statuses
     finally:
         assoc.release()
-
-
-def quiet_pydicom() -> None:
-    """pydicom's value validation warns with the offending value in the text ("Invalid value for VR DA: '1901-02-03'"),
-    which would put patient fields into the log; the node reads as-is instead (values are validated where used)."""
-    import pydicom.config
-
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 
 def check_patient_key_secret() -> None:

@@ -10,7 +10,7 @@ What the viewer needs afterwards (display slices at `VIEW_SIZE` px, in HU for
 CT DICOM so the page can switch window presets, and each slice's heat map) is
 kept in memory under a random study ID for `VIEW_TTL_S`, bounded by bytes (`VIEW_MEMORY_BYTES`, the oldest
 view forgotten first): about 60 MB for 300 CT slices (HU as int16 and the heat maps as uint8, 256 px), so the
-default holds about ten such studies. Nothing is written to disk and no patient field is kept.
+default holds five such studies. Nothing is written to disk and no patient field is kept.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from covidscan.serve.predictor import Bundle, EnsembleBundle, SliceResult
 from covidscan.serve.router import Router, ServedBundle
 
 VIEW_SIZE = 256
-VIEW_MEMORY_BYTES = 600_000_000  # all kept views together (`covidscan serve --view-memory-mb`)
+VIEW_MEMORY_BYTES = 320_000_000  # all kept views together (`python -m covidscan.serve --view-memory-mb`): five 300-slice studies
 VIEW_TTL_S = 1800.0
 # CT window presets (low, high) in HU: lung = the model's own window (W1500/L-600), mediastinum (soft tissue)
 # W400/L40, bone W1800/L400.
@@ -116,6 +116,17 @@ class StudyViews:
         now = time.monotonic()
         for key in [k for k, v in self._views.items() if now - v.created > self.ttl_s]:
             del self._views[key]
+
+
+def release_memory() -> None:
+    """Hand the heap that a large study freed back to the system (glibc keeps it otherwise, and RSS stays high after
+    the request); a no-op where there is no glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _resize(values: np.ndarray, size: int) -> np.ndarray:
