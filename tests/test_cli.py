@@ -1,20 +1,20 @@
 """Bad input gets one line naming the path and the problem, exit code 2, no traceback."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "covidscan.cli", *args], capture_output=True, text=True)
+from cli_runner import CliResult, run_cli
 
 
-def _assert_clean_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+def _run(*args: str) -> CliResult:
+    return run_cli(*args)
+
+
+def _assert_clean_error(result: CliResult, *needles: str) -> None:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     message = " ".join(result.stderr.split())

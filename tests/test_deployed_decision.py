@@ -4,14 +4,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from cli_runner import CliResult, run_cli
 from covidscan.decision import aggregate_scores, choose_study_rule, cross_fitted_temperature
 from covidscan.evaluate.coverage import ClusteredScores, coverage
 from covidscan.evaluate.intervals import binary_intervals, clustered_auc, clustered_proportion, newcombe_auc_interval, ppv_npv_at_prevalence, wilson
@@ -156,8 +155,8 @@ def test_reissued_images_under_new_patient_ids_are_still_flagged() -> None:
 
 
 # --- end to end on the tiny run -------------------------------------------------------------------------
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "covidscan.cli", *args], capture_output=True, text=True)
+def _cli(*args: str) -> CliResult:
+    return run_cli(*args)
 
 
 def test_run_records_the_deployed_decision_and_evaluates_with_the_gate(tiny_run: Path) -> None:

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ from covidscan.data.sources import index_folder
 from covidscan.pipeline import train_run
 from covidscan.predict import Predictor
 
+from cli_runner import run_cli
 from conftest import TINY
 
 
@@ -51,10 +50,9 @@ def test_predictor_matches_saved_test_predictions(tiny_run: Path) -> None:
 
 def test_predict_cli_prints_probabilities_and_disclaimer(tiny_run: Path, tiny_phantom: Path) -> None:
     image = sorted(tiny_phantom.rglob("*.png"))[0]
-    out = subprocess.run(
-        [sys.executable, "-m", "covidscan.cli", "predict", str(tiny_run), str(image)],
-        capture_output=True, text=True, check=True,
-    ).stdout
+    result = run_cli("predict", str(tiny_run), str(image))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
     assert "P(COVID)=" in out and "P(non-COVID)=" in out and "not a diagnosis" in out
 
 
@@ -89,8 +87,7 @@ def test_evaluate_cli_adds_an_external_set_and_the_report_shows_it_in_a_browser(
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     external = _external_manifest(tmp_path)
-    out = subprocess.run([sys.executable, "-m", "covidscan.cli", "evaluate", str(run), str(external), "--quiet"],
-                         capture_output=True, text=True)
+    out = run_cli("evaluate", str(run), str(external), "--quiet")
     assert out.returncode == 0, out.stderr
     assert "other-hospital: " in out.stdout and "refused by the gate" in out.stdout and "not a diagnosis" in out.stdout
     metrics = json.loads((run / "metrics.json").read_text())
@@ -124,7 +121,7 @@ def test_evaluate_refuses_labels_the_model_does_not_know(tiny_run: Path, tmp_pat
     frame = index_folder(_external_manifest(tmp_path).parent / "other-hospital")
     frame["label"] = "pneumonia"
     frame.to_csv(bad, index=False)
-    out = subprocess.run([sys.executable, "-m", "covidscan.cli", "evaluate", str(tiny_run), str(bad)], capture_output=True, text=True)
+    out = run_cli("evaluate", str(tiny_run), str(bad))
     assert out.returncode == 2 and "pneumonia" in out.stderr and "not among the model's classes" in out.stderr
     assert "Traceback" not in out.stderr
 
@@ -134,19 +131,18 @@ def test_compare_two_runs_and_test_time_augmentation(tiny_run: Path, tmp_path: P
 
     import pandas as pd
 
-    same = subprocess.run([sys.executable, "-m", "covidscan.cli", "compare", str(tiny_run), str(tiny_run)], capture_output=True, text=True)
+    same = run_cli("compare", str(tiny_run), str(tiny_run))
     assert same.returncode == 0, same.stderr
     assert "only A right 0, only B right 0, p = 1" in same.stdout and "difference +0.000" in same.stdout and "patients as units" in same.stdout
     run = tmp_path / "tta"
     shutil.copytree(tiny_run, run)
-    out = subprocess.run([sys.executable, "-m", "covidscan.cli", "evaluate", str(run), "--set", "evaluate.tta=true", "--quiet"],
-                         capture_output=True, text=True)
+    out = run_cli("evaluate", str(run), "--set", "evaluate.tta=true", "--quiet")
     assert out.returncode == 0, out.stderr
     assert json.loads((run / "metrics.json").read_text())["evaluation"]["tta"] is True
     plain = pd.read_csv(tiny_run / "predictions" / "in-domain-test.csv")["p_COVID"].to_numpy()
     mirrored = pd.read_csv(run / "predictions" / "in-domain-test.csv")["p_COVID"].to_numpy()
     assert len(plain) == len(mirrored) and not np.allclose(plain, mirrored)
-    missing = subprocess.run([sys.executable, "-m", "covidscan.cli", "compare", str(tiny_run), str(run), "--on", "nowhere"], capture_output=True, text=True)
+    missing = run_cli("compare", str(tiny_run), str(run), "--on", "nowhere")
     assert missing.returncode == 2 and "in-domain-test" in missing.stderr
 
 

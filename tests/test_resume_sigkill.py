@@ -14,7 +14,8 @@ from covidscan.data.sources import index_folder
 from covidscan.data.split import split_by_patient
 
 SETTINGS = ["--set", "data.image_size=48", "--set", "train.epochs=4", "--set", "train.head_epochs=1",
-            "--set", "train.batch_size=8", "--set", "train.patience=10", "--quiet"]
+            "--set", "train.batch_size=8", "--set", "train.patience=10", "--quiet",
+            "--quick"]  # the quick evaluation (every metric with its interval; no heat maps or t-SNE): resuming is the point
 
 
 def _train(*args: str) -> list[str]:

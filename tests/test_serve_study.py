@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from cli_runner import run_cli
 from dicom_helpers import FAKE_PATIENT_ID, LOSSLESS_SYNTAXES, phantom_series, write_ct_series
 
 
@@ -116,9 +117,6 @@ def test_default_limits_take_a_300_slice_study() -> None:
 def test_predict_command_takes_a_study_folder_a_zip_and_a_nifti_slice(tiny_run: Path, tiny_bundle: Path, tmp_path: Path) -> None:
     """`predict` said PNG/JPEG only and could not pick a NIfTI slice; a PACS folder is one study, as in the service."""
     import gzip
-    import subprocess
-    import sys
-
     import nibabel as nib
 
     series = phantom_series(tiny_run, tmp_path / "pacs" / "SERIES2", 5)
@@ -129,7 +127,7 @@ def test_predict_command_takes_a_study_folder_a_zip_and_a_nifti_slice(tiny_run: 
             z.write(p, str(p.relative_to(tmp_path)))
 
     def run(*args: str) -> str:
-        out = subprocess.run([sys.executable, "-m", "covidscan.cli", "predict", *args], capture_output=True, text=True)
+        out = run_cli("predict", *args)
         assert out.returncode == 0, out.stderr
         return out.stdout + out.stderr
 

@@ -13,6 +13,7 @@ from covidscan.data import io as cio
 from covidscan.data.study import ZipStudy, plan_files, plan_study, read_header
 from covidscan.errors import ImageReadError
 from dicom_helpers import FAKE_PATIENT_ID, LOSSLESS_SYNTAXES, chest_volume, write_ct_series
+from hostile_corpus import zip_declaring, zip_of
 
 
 @pytest.mark.parametrize("syntax", sorted(LOSSLESS_SYNTAXES))
@@ -164,20 +165,12 @@ def test_audit_with_no_decodable_image_says_why(tmp_path: Path) -> None:
         run_audit(frame, show=False)
 
 
-def _zip(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
-
-
 def test_zip_members_are_inflated_one_at_a_time_when_read_and_checked_while_inflating() -> None:
     """Opening a zip reads its directory only; reading a member's head inflates a few bytes; a member that inflates
     past its declared size is refused while inflating; one over the per-file limit is refused before inflating."""
     import tracemalloc
 
-    data = _zip({f"zeros-{i}": b"\0" * 20_000_000 for i in range(3)})  # 60 MB inflated, 60 kB sent
+    data = zip_of({f"zeros-{i}": b"\0" * 20_000_000 for i in range(3)})  # 60 MB inflated, 60 kB sent
     tracemalloc.start()
     files = ZipStudy(data, "big.zip").files("big.zip:")
     heads = [files.head(name) for name in files]
@@ -186,12 +179,9 @@ def test_zip_members_are_inflated_one_at_a_time_when_read_and_checked_while_infl
     assert [len(h) for h in heads] == [1024] * 3 and peak < 5_000_000  # before: every member materialised (60 MB)
     with pytest.raises(ImageReadError, match="the limit for one file of a zip is 10 MB"):
         ZipStudy(data, "big.zip", max_member_bytes=10_000_000)
-    liar = bytearray(_zip({"slice": b"\1" * 5000}))
-    central = liar.rindex(b"PK\x01\x02")  # the central directory's record: its uncompressed size says 50 bytes
-    liar[central + 24:central + 28] = (50).to_bytes(4, "little")
-    study = ZipStudy(bytes(liar), "liar.zip")
-    with pytest.raises(ImageReadError, match="liar.zip:slice: (cannot extract from the zip|zip member is larger than)"):
-        study.files()["slice"]  # zipfile stops at the declared size and the CRC then fails: never more is inflated
+    study = ZipStudy(zip_declaring(50), "liar.zip")  # 5,000 bytes inflate from a member that declares 50
+    with pytest.raises(ImageReadError, match="liar.zip:IM1: (cannot extract from the zip|zip member is larger than)"):
+        study.files()["IM1"]  # zipfile stops at the declared size and the CRC then fails: never more is inflated
 
 
 def test_a_multi_frame_study_is_converted_one_frame_at_a_time(tmp_path: Path) -> None:
