@@ -211,3 +211,22 @@ def test_a_multi_frame_study_is_converted_one_frame_at_a_time(tmp_path: Path) ->
     assert names == [f"multi.dcm frame {k}" for k in range(1, 41)] and not skipped
     all_frames_as_float = 2 * volume.size * 4  # gray + HU for every frame: 21 MB (the decoded stored values: 5 MB)
     assert peak < 0.75 * all_frames_as_float, peak
+
+
+def test_a_deflate_bomb_is_refused_before_it_inflates_when_read_or_planned() -> None:
+    """A deflated DICOM whose body inflates to gigabytes: the upload path (which first looks for several frames) and
+    study planning (headers only) both read it within the limits its header allows (before: dcmread inflated it all,
+    +1.5 GB in the full-scale hostile benchmark)."""
+    import tracemalloc
+
+    from covidscan.data.io import iter_image_bytes
+    from hostile_corpus import dicom_deflate_bomb
+
+    data = dicom_deflate_bomb(8000)  # 64 Mpx: over the 60 Mpx limit of any DICOM frame
+    for read in (lambda: list(iter_image_bytes(data, "x.dcm")), lambda: read_header(data, "x.dcm")):
+        tracemalloc.start()
+        with pytest.raises(ImageReadError, match="x.dcm: DICOM image of 8000x8000 px exceeds the limit"):
+            read()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 20_000_000, peak

@@ -386,18 +386,34 @@ def iter_dicom(data: bytes, where: str, ct_window: tuple[float, float] = LUNG_WI
         yield _frame_image(ds, frame, dict(meta), ct_window, keep_hu, where)
 
 
+def is_deflated_dicom(data: bytes) -> bool:
+    """Whether the file's meta says Deflated Explicit VR: reading such a file whole would inflate all of it (a
+    decompression bomb), so only `_dicom_dataset` reads it, within the limits. Reads the preamble and group 2 only."""
+    from pydicom.filereader import read_dataset, read_preamble
+
+    try:
+        stream = io.BytesIO(data)
+        read_preamble(stream, True)
+        meta = read_dataset(stream, False, True, stop_when=lambda tag, vr, length: tag.group != 2)
+        return str(meta.get("TransferSyntaxUID", "")) == _DEFLATED
+    except Exception:
+        return False
+
+
 def _multi_frame_header(data: bytes) -> object | None:
     """The header (no pixel data read) of an uncompressed-or-encapsulated multi-frame file, else None (single frames
     and deflated files take the whole-file path)."""
     import pydicom
 
+    if is_deflated_dicom(data):
+        return None
     try:
         header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
         frames = int(header.get("NumberOfFrames") or 1)
         syntax = str(header.file_meta.get("TransferSyntaxUID", "")) if hasattr(header, "file_meta") else ""
     except Exception:
         return None  # the whole-file path reports what is wrong
-    return header if frames > 1 and syntax and syntax != _DEFLATED else None
+    return header if frames > 1 and syntax else None
 
 
 def _iter_frames(data: bytes, header: object, where: str, ct_window: tuple[float, float], max_pixels: int, keep_hu: bool

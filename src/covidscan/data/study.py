@@ -109,8 +109,10 @@ def read_header(data: bytes, source: str) -> SliceHeader:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+    from covidscan.data.io import _dicom_dataset, is_deflated_dicom
+
+    try:  # a deflated file is inflated only within the limits its header allows (a bomb stops there)
+        ds = _dicom_dataset(data, source) if is_deflated_dicom(data) else pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
         if "SOPClassUID" not in ds and "Rows" not in ds:
             raise ImageReadError(source, "not a DICOM image (no SOP class, no image size)")
         uid = str(ds.get("SeriesInstanceUID", "") or "")
