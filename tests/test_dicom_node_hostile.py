@@ -5,6 +5,7 @@ before its fix: the watcher thread died (and every later study was acknowledged 
 refused the SR got nothing, slow peers blocked every new association."""
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import struct
@@ -219,8 +220,9 @@ def _partial_association_request() -> bytes:
 
 def test_slow_and_idle_peers_do_not_block_a_legitimate_echo(tiny_bundle: Path, tmp_path: Path) -> None:
     """10 connections from one peer that send 8 bytes of an association request and stop, 12 idle TCP connections
-    from another: a third peer's C-ECHO is answered at once, and the half-open connections are dropped after the
-    connect time-out. (Before: pynetdicom's 10 associations were held for as long as the sockets stayed open.)"""
+    from another, 6 established associations that then stay silent from a third: a fourth peer's C-ECHO is answered
+    at once; the half-open connections are dropped after the connect time-out and the silent associations after the
+    idle time-out. (Before: pynetdicom's 10 associations were held for as long as the sockets stayed open.)"""
     from pynetdicom import AE
 
     from covidscan.serve.dicom_node import Destination, DicomListener, NodeLimits
@@ -237,6 +239,10 @@ def test_slow_and_idle_peers_do_not_block_a_legitimate_echo(tiny_bundle: Path, t
                 if payload:
                     sock.sendall(payload)
                 attackers.append(sock)
+        idle_peer = AE(ae_title="IDLE")
+        idle_peer.add_requested_context("1.2.840.10008.1.1")
+        held = [idle_peer.associate("127.0.0.1", listener.port, ae_title="COVIDSCAN", bind_address=("127.0.0.4", 0)) for _ in range(6)]
+        assert [a.is_established for a in held] == [True] * 4 + [False] * 2  # established, then silent: 4 per peer
         time.sleep(0.5)
         started = time.monotonic()
         scu = AE(ae_title="WARD")
@@ -249,6 +255,7 @@ def test_slow_and_idle_peers_do_not_block_a_legitimate_echo(tiny_bundle: Path, t
         for sock in attackers[:10]:  # the half-open association requests are cut after the connect time-out
             sock.settimeout(limits.connect_timeout_s + 4)
             assert sock.recv(1) == b""
+        assert _wait(lambda: not any(a.is_established for a in held), limits.idle_timeout_s + 5), "silent associations were kept"
     finally:
         for sock in attackers:
             sock.close()
@@ -263,3 +270,94 @@ def test_node_limits_are_checked() -> None:
         NodeLimits(max_associations=2, per_peer=3)
     with pytest.raises(CovidscanError, match="positive"):
         NodeLimits(connect_timeout_s=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_an_answer_survives_a_destination_that_is_down_and_a_restart_and_arrives_once(
+    tiny_bundle: Path, tiny_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Analysed while the PACS is down: the answer waits in the outbox; the node stops; restarted with the PACS up,
+    it delivers that answer without analysing the study again, and the PACS receives one SR and one SC."""
+    from covidscan.serve.dicom_node import SC_CLASS, SR_CLASS, Destination, DicomListener
+
+    caplog.set_level(logging.INFO)
+    down = Destination("127.0.0.1", _free_port(), "PACS")  # nothing listens there
+    first = DicomListener(str(tiny_bundle), down, port=0, idle_s=0.2, spool_dir=tmp_path / "spool", retry_s=3600)
+    first.start()
+    try:
+        assert _send(first.port, _study(tiny_run, tmp_path / "s", 1)) == [0x0000] * 4
+        assert _wait(lambda: first.analysed and "attempt 1 of 8" in caplog.text, 60)
+    finally:
+        first.stop()
+    assert first.answered == [] and len(list((tmp_path / "spool" / "outbox").rglob("*.dcm"))) == 2
+    with _pacs((SR_CLASS, SC_CLASS)) as (pacs_port, received, arrived):
+        second = DicomListener(str(tiny_bundle), Destination("127.0.0.1", pacs_port, "PACS"), port=0, idle_s=0.2,
+                               spool_dir=tmp_path / "spool")
+        second.start()
+        try:
+            assert _wait(lambda: second.answered, 30), "the stored answer was not delivered after the restart"
+            time.sleep(1.0)
+        finally:
+            second.stop()
+    assert second.analysed == [] and second.answered == first.analysed  # delivered, not analysed again
+    assert sorted(str(ds.SOPClassUID) for ds in received) == sorted([SR_CLASS, SC_CLASS])  # exactly once
+    assert not list((tmp_path / "spool").rglob("*.dcm"))
+    audits = [json.loads(r.getMessage()) for r in caplog.records if r.name == "covidscan.audit"]
+    assert len(audits) == 1  # one analysis, one audit line
+    line = audits[0]
+    assert line["source"] == "dicom-node" and line["study"].startswith("sk-") and line["model_version"] and line["slices"] == 4
+    assert line["answer"] in ("COVID", "non-COVID", "refused", "not evaluable") and "threshold" in line["operating_point"]
+    for value in PHI_VALUES:
+        assert value not in json.dumps(audits)
+
+
+def test_an_undeliverable_answer_moves_to_dead_letter_after_the_stated_attempts(
+    tiny_bundle: Path, tiny_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import json
+
+    from covidscan.serve.dicom_node import Destination, DicomListener
+
+    caplog.set_level(logging.INFO)
+    down = Destination("127.0.0.1", _free_port(), "PACS")
+    listener = DicomListener(str(tiny_bundle), down, port=0, idle_s=0.2, spool_dir=tmp_path / "spool", retry_s=0.2, attempts=3)
+    listener.start()
+    try:
+        assert _send(listener.port, _study(tiny_run, tmp_path / "s", 1)) == [0x0000] * 4
+        assert _wait(lambda: list((tmp_path / "spool" / "dead-letter").glob("*/state.json")), 60), "never moved to dead-letter"
+    finally:
+        listener.stop()
+    state = json.loads(next((tmp_path / "spool" / "dead-letter").glob("*/state.json")).read_text())
+    assert state["attempts"] == 3 and "cannot reach PACS" in state["last_error"]
+    assert "attempt 1 of 3" in caplog.text and "attempt 2 of 3" in caplog.text and "answer moved to" in caplog.text
+    assert len(list((tmp_path / "spool" / "dead-letter").rglob("*.dcm"))) == 2 and listener.answered == []
+
+
+def test_unknown_calling_and_called_ae_titles_are_refused(tiny_bundle: Path, tmp_path: Path) -> None:
+    from pynetdicom import AE
+
+    from covidscan.serve.dicom_node import Destination, DicomListener
+
+    listener = DicomListener(str(tiny_bundle), Destination("127.0.0.1", 9, "PACS"), port=0, spool_dir=tmp_path / "spool",
+                             allowed_callers=("CT_SCANNER",))
+    listener.start()
+    try:
+        def associates(calling: str, called: str) -> bool:
+            ae = AE(ae_title=calling)
+            ae.add_requested_context("1.2.840.10008.1.1")
+            assoc = ae.associate("127.0.0.1", listener.port, ae_title=called)
+            established = bool(assoc.is_established)
+            if established:
+                assoc.release()
+            return established
+
+        assert associates("CT_SCANNER", "COVIDSCAN")
+        assert not associates("INTRUDER", "COVIDSCAN")
+        assert not associates("CT_SCANNER", "SOMEONE_ELSE")
+    finally:
+        listener.stop()

@@ -193,3 +193,25 @@ def test_the_same_bundle_given_twice_is_refused_at_start(bundles: dict[str, Path
 
     with pytest.raises(CovidscanError, match="the same bundle is given twice"):
         create_app([bundles["ct"], bundles["ct"] / ".." / "ct"])
+
+
+def test_every_answer_leaves_one_audit_line_without_patient_fields(bundles: dict[str, Path], tiny_run: Path, tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from covidscan.serve.app import create_app
+    from dicom_helpers import FAKE_PATIENT_ID, FAKE_PATIENT_NAME, phantom_series
+
+    caplog.set_level(logging.INFO, logger="covidscan.audit")
+    client = _client_for([bundles["ct"]], create_app)
+    series = phantom_series(tiny_run, tmp_path / "s", 4)
+    study = client.post("/api/v1/predict?study=true", files=[("files", (p.name, p.read_bytes(), "application/dicom")) for p in series])
+    single = client.post("/api/v1/predict", files=[("files", ("x.png", _slice_png(tiny_run), "image/png"))])
+    assert study.status_code == 200 and single.status_code == 200, single.text
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "covidscan.audit"]
+    assert [line["source"] for line in lines] == ["service", "service"] and all(line["study"].startswith("ch-") for line in lines)
+    assert lines[0]["slices"] == 4 and lines[0]["answer"] == study.json()["study"]["label"] and "study rule" in lines[0]["operating_point"]
+    assert lines[1]["slices"] == 1 and "slice threshold" in lines[1]["operating_point"] and lines[0]["study"] != lines[1]["study"]
+    assert lines[0]["model"] == "ct" and lines[0]["model_version"] == study.json()["model_version"]
+    text = json.dumps(lines)
+    assert FAKE_PATIENT_ID not in text and FAKE_PATIENT_NAME.split("^")[0] not in text

@@ -37,6 +37,22 @@ def _log(message: str) -> None:
     console.print(message, markup=False)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from covidscan import __version__
+
+        _log(f"covidscan {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """covidscan: COVID-19 detection on chest CT/X-ray with transfer-learned CNNs, evaluated without patient leakage.
+    Decision support only, not a diagnosis."""
+
+
 @data_app.command("phantom")
 def data_phantom(
     out: Annotated[Path, typer.Argument(help="Folder to write ROOT/<class>/<patient>/<slice>.png into.")],
@@ -583,8 +599,11 @@ def dicom_listen_command(
     bundles: Annotated[list[Path], typer.Argument(help="Exported bundle folders (`covidscan export RUN`); several: one per modality.")],
     send_to: Annotated[str, typer.Option("--send-to", help="Where answers go: HOST:PORT:AE_TITLE of the PACS or viewer.")],
     port: Annotated[int, typer.Option(help="Port to listen on (DICOM's registered port is 104; 11112 needs no privileges).")] = 11112,
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "0.0.0.0",
-    ae_title: Annotated[str, typer.Option("--ae-title", help="This node's AE title.")] = "COVIDSCAN",
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: every interface; give the PACS's network).")] = "127.0.0.1",
+    ae_title: Annotated[str, typer.Option("--ae-title", help="This node's AE title (associations called for another are rejected).")] = "COVIDSCAN",
+    allow_caller: Annotated[Optional[list[str]], typer.Option("--allow-caller", help="Accept associations only from this calling AE title (repeatable; default: any).")] = None,
+    retry_seconds: Annotated[float, typer.Option(help="First wait before an undelivered answer is sent again (doubling each time).")] = 60.0,
+    delivery_attempts: Annotated[int, typer.Option(help="Deliveries tried before an answer moves to the spool's dead-letter folder.")] = 8,
     idle_seconds: Annotated[float, typer.Option(help="A study is complete when no instance of it arrived for this long.")] = 10.0,
     spool: Annotated[Optional[Path], typer.Option(help="Folder for received instances until answered (kept over a restart); "
                                                        "default ~/.cache/covidscan/dicom-spool.")] = None,
@@ -605,7 +624,8 @@ def dicom_listen_command(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     limits = NodeLimits(max_associations, per_peer, connect_timeout, idle_timeout, spool_bytes=int(spool_gb * 1e9))
     listener = DicomListener([str(b) for b in bundles], Destination.parse(send_to), port, host, ae_title, idle_seconds,
-                             spool_dir=spool, limits=limits)
+                             spool_dir=spool, limits=limits, allowed_callers=tuple(allow_caller or ()), retry_s=retry_seconds,
+                             attempts=delivery_attempts)
     listener.start()
     _log(f"{ae_title} listening on {host}:{listener.port}; answers to {send_to}. Ctrl-C stops. {DISCLAIMER}")
     stop = threading.Event()

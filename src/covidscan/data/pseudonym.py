@@ -59,3 +59,9 @@ def patient_key(patient_id: str) -> str:
     """A stable pseudonymous key for one installation; never the ID itself."""
     digest = hmac.new(_secret(secret_path()), patient_id.encode("utf-8"), hashlib.sha256).hexdigest()
     return f"pk-{digest[:16]}"
+
+
+def study_key(study_instance_uid: str) -> str:
+    """A stable pseudonymous key of a study (the same secret, another namespace): what audit lines name it by."""
+    digest = hmac.new(_secret(secret_path()), f"study:{study_instance_uid}".encode("utf-8"), hashlib.sha256).hexdigest()
+    return f"sk-{digest[:16]}"

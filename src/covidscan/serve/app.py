@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import secrets
 import threading
@@ -48,6 +49,7 @@ from covidscan import DISCLAIMER
 from covidscan.data.io import ImageData, ImageReadError, iter_image_bytes, quiet_pydicom, routing_modality, sniff_kind
 from covidscan.serve import DEFAULT_MAX_UPLOAD_MB
 from covidscan.explain.overlay import colorize, png_bytes
+from covidscan.serve.audit import audit_analysis
 from covidscan.serve.predictor import EnsembleBundle, Bundle, SliceResult
 from covidscan.data.study import StudyFiles, is_zip
 from covidscan.serve.router import BY_GATE, BY_STUDY, NoModelForModality, Router, ServedBundle, load_router, modality_name
@@ -259,6 +261,14 @@ def _images(data: bytes, name: str) -> tuple[str, Iterator[ImageData]]:
     return kind, iter_image_bytes(data, name)
 
 
+def _content_key(named: list[tuple[str, bytes]]) -> str:
+    """What an audit line names an upload by: a hash of the files' content (no name, no patient field)."""
+    digest = hashlib.sha256()
+    for _, data in named:
+        digest.update(hashlib.sha256(data).digest())
+    return f"ch-{digest.hexdigest()[:16]}"
+
+
 def _gate_refusal(name: str, distance: float, served: ServedBundle, routed_by: str) -> ApiError:
     what = "any served model's training images; the closest was " if routed_by == BY_GATE else ""
     return ApiError(422, "unlike the training data", (
@@ -417,6 +427,7 @@ def create_app(
         for position, upload in enumerate(files):
             named.append((f"#{position + 1} {(upload.filename or 'upload')[:120]}", await upload.read()))
             await upload.close()  # frees the in-memory spool: the bytes are now held once
+        content_key = _content_key(named)
         if study or any(is_zip(data) for _, data in named):
             contents, analysis = await run_in_threadpool(analyse_dicom_study, named)
             if analysis is not None:
@@ -451,11 +462,15 @@ def create_app(
         total_ms = (time.perf_counter() - started) * 1000
         log.info("predict: %d file(s), %d slice(s), %d refused file(s), %.1f ms", len(files), len(all_results), len(failures), total_ms)
         lead = lead or router.default
+        summary = _study(all_results, lead.bundle) if study and len(all_results) > 1 else None
+        labels = [r.label for r in all_results if r.in_distribution]
+        answer = summary.label if summary else ", ".join(f"{labels.count(label)} {label}" for label in dict.fromkeys(labels)) or "refused"
+        audit_analysis("service", content_key, lead.name, lead.bundle.version, answer, summary.probability if summary else None,
+                       f"study rule {summary.rule}, threshold {summary.threshold:.3f}" if summary else f"slice threshold {lead.bundle.threshold:.3f}",
+                       len(all_results), sum(not r.in_distribution for r in all_results), total_ms / 1000)
         return PredictOut(
             decision_support=DISCLAIMER, model=lead.name, model_version=lead.bundle.version, threshold=lead.bundle.threshold,
-            positive_class=lead.bundle.classes[-1], results=out_files,
-            study=_study(all_results, lead.bundle) if study and len(all_results) > 1 else None,
-            timing_ms={"total": round(total_ms, 2)},
+            positive_class=lead.bundle.classes[-1], results=out_files, study=summary, timing_ms={"total": round(total_ms, 2)},
         )
 
     def analyse_dicom_study(named: list[tuple[str, bytes]]) -> tuple[StudyFiles, tuple[StudyAnalysis, ServedBundle, str] | None]:
@@ -491,6 +506,8 @@ def create_app(
         total_ms = (time.perf_counter() - started) * 1000
         log.info("predict: DICOM study, %d slice(s) analysed, %d file(s) skipped, %.1f ms", len(results), len(analysis.skipped), total_ms)
         model = served.bundle
+        audit_analysis("service", f"ch-{analysis.study_hash[:16]}", served.name, model.version, summary.label, summary.probability,
+                       f"study rule {summary.rule}, threshold {summary.threshold:.3f}", len(results), summary.slices_refused, total_ms / 1000)
         return PredictOut(
             decision_support=DISCLAIMER, model=served.name, model_version=model.version, threshold=model.threshold, positive_class=model.classes[-1],
             results=[FileOut(file=f"DICOM series ({analysis.plan.describe()})", kind="dicom-series", model=_model_ref(served, routed_by),

@@ -20,9 +20,13 @@ type with every quoted value blanked (`errors.exception_summary`).
 
 A node that never dies silently: every failure while receiving, planning,
 analysing or sending is caught per instance or per study, logged, and the node
-goes on with the next. An instance it cannot use is refused (never queued); an
-answer the destination cannot take is retried later, and a destination that
-refuses one of the two answers still gets the other.
+goes on with the next. An instance it cannot use is refused (never queued). An
+answer waits in the spool's outbox until delivered: retried after `retry_s`,
+then twice as long, ..., `attempts` times, then moved to `dead-letter/` with the
+reason; a destination that refuses one of the two answers still gets the other.
+Access: the called AE title must be the node's own, and with `allowed_callers`
+only those calling AE titles are accepted; the node listens on 127.0.0.1 unless
+told otherwise.
 
 Network hygiene (`NodeLimits`, each a `dicom-listen` option): at most
 `max_associations` associations at once and `per_peer` from one IP address (a
@@ -46,10 +50,13 @@ import numpy as np
 
 from covidscan import DISCLAIMER
 from covidscan.data.io import quiet_pydicom
+from covidscan.data.pseudonym import study_key
+from covidscan.decision import rule_name
 from covidscan.errors import CovidscanError, ImageReadError, exception_summary
+from covidscan.serve.audit import audit_analysis
 from covidscan.serve.predictor import Bundle, EnsembleBundle
 from covidscan.serve.router import NoModelForModality, load_router
-from covidscan.serve.spool import DEFAULT_SPOOL_BYTES, Spool, SpoolFull, default_spool_dir
+from covidscan.serve.spool import DEFAULT_SPOOL_BYTES, Outbox, Spool, SpoolFull, default_spool_dir
 from covidscan.serve.study_view import StudyAnalysis, analyse_routed_study
 
 log = logging.getLogger("covidscan.dicom")
@@ -58,7 +65,8 @@ SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR Storage
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
 _PATIENT_AND_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
                       "StudyID", "AccessionNumber", "ReferringPhysicianName")
-RETRY_S = 60.0  # an answer that could not be delivered is tried again after this long
+RETRY_S = 60.0  # an answer that could not be delivered is tried again after this long, then twice as long, ...
+DELIVERY_ATTEMPTS = 8  # ... 8 attempts over about 4 hours, then the answer moves to the spool's dead-letter/ folder
 STATUS_SUCCESS, STATUS_OUT_OF_RESOURCES, STATUS_CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
 
 
@@ -131,8 +139,6 @@ def _new_instance(identifiers: object, sop_class: str, modality: str, series_num
 
 def answer_lines(analysis: StudyAnalysis, bundle: Bundle | EnsembleBundle) -> list[tuple[str, str]]:
     """The answer as (name, text) pairs: the SR's items and the Secondary Capture's burned-in text."""
-    from covidscan.decision import rule_name
-
     study = bundle.study(analysis.results)
     if study.answered:
         answer = f"{study.label} (probability {study.probability:.3f})"
@@ -266,14 +272,20 @@ class _Connection:
 class DicomListener:
     """Storage SCP + spool + study completion + answer by C-STORE. `start()` returns at once; `stop()` ends it."""
 
-    def __init__(self, bundle_dirs: str | list[str], destination: Destination, port: int = 11112, host: str = "0.0.0.0",
+    def __init__(self, bundle_dirs: str | list[str], destination: Destination, port: int = 11112, host: str = "127.0.0.1",
                  ae_title: str = "COVIDSCAN", idle_s: float = 10.0, max_slices: int = 1024, spool_dir: str | Path | None = None,
-                 limits: NodeLimits | None = None) -> None:
+                 limits: NodeLimits | None = None, allowed_callers: tuple[str, ...] = (), retry_s: float = RETRY_S,
+                 attempts: int = DELIVERY_ATTEMPTS) -> None:
         """Several bundles: one per modality; each study goes to the model of its Modality tag (serve/router.py).
+        `allowed_callers`: the calling AE titles accepted (empty: any); the called AE title must be `ae_title`.
         Fails here, with a clear error, when the spool folder or the patient-key secret cannot be written."""
         check_patient_key_secret()
         self.limits = limits or NodeLimits()
-        self.spool = Spool(Path(spool_dir) if spool_dir else default_spool_dir(), self.limits.spool_bytes)
+        spool_root = Path(spool_dir) if spool_dir else default_spool_dir()
+        self.spool = Spool(spool_root, self.limits.spool_bytes)
+        self.outbox = Outbox(spool_root, retry_s, max(1, attempts))
+        self.allowed_callers = tuple(allowed_callers)
+        self.analysed: list[str] = []  # study hashes analysed (an answer put in the outbox), for callers and tests
         folders = [bundle_dirs] if isinstance(bundle_dirs, str) else list(bundle_dirs)
         self.router = load_router(folders)
         self.destination, self.port, self.host, self.ae_title, self.idle_s, self.max_slices = destination, port, host, ae_title, idle_s, max_slices
@@ -350,6 +362,9 @@ class DicomListener:
         for context in StoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context("1.2.840.10008.1.1")  # verification (C-ECHO)
+        ae.require_called_aet = True  # an association addressed to another AE title is rejected
+        if self.allowed_callers:
+            ae.require_calling_aet = list(self.allowed_callers)
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_CONN_OPEN, self._on_open),
                     (evt.EVT_ESTABLISHED, self._on_established), (evt.EVT_CONN_CLOSE, self._on_close)]
         self.server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
@@ -376,26 +391,32 @@ class DicomListener:
             for key in self.spool.ready(self.idle_s):
                 if self.done.is_set():
                     return
+                if self.outbox.has(key):  # analysed before a restart: its answer waits in the outbox
+                    self.spool.remove(key)
+                    continue
                 try:
                     claimed = self.spool.take(key)
                 except OSError as exc:
                     log.error("study %s could not be taken from the spool: %s", key[:12], exception_summary(exc))
                     continue
                 self._answer_safely(claimed)
+            for key in self.outbox.due():
+                if self.done.is_set():
+                    return
+                self._deliver(key)
 
     def _answer_safely(self, key: str) -> None:
         try:
-            delivered = self._answer(key)
+            self._answer(key)
         except Exception as exc:  # a bug or an input no check foresaw: logged without values, the node goes on
             log.error("study %s not answered: %s", key[:12], exception_summary(exc))
-            delivered = True  # analysing it again would fail again
-        if delivered:
-            self.spool.remove(key)
-        else:
-            self.spool.retry_later(key, RETRY_S)
+            self.spool.remove(key)  # analysing it again would fail again
+            return
+        if self.outbox.has(key):
+            self._deliver(key)
 
-    def _answer(self, key: str) -> bool:
-        """Analyse the spooled study `key` and send the answer. False: keep it and try again later (not delivered)."""
+    def _answer(self, key: str) -> None:
+        """Analyse the spooled study `key`; its answer goes to the outbox before its instances are deleted."""
         from pydicom import dcmread
 
         started = time.perf_counter()
@@ -404,25 +425,51 @@ class DicomListener:
             analysis, served, _ = analyse_routed_study(self.router, files, self.max_slices)
         except (ImageReadError, NoModelForModality) as exc:
             log.warning("study %s of %d instances not analysed: %s", key[:12], len(files), getattr(exc, "problem", None) or exc)
-            return True
+            self.spool.remove(key)
+            return
         first = self.spool.first_file(key)
         identifiers = _identifiers(dcmread(first, stop_before_pixels=True)) if first else None
         lines = answer_lines(analysis, served.bundle)
         reply = [structured_report(lines, identifiers), secondary_capture(analysis, served.bundle, lines, identifiers)]
+        self.outbox.put(key, reply, analysis.study_hash)
+        self.spool.remove(key)
+        self.analysed.append(analysis.study_hash)
+        seconds = time.perf_counter() - started
+        log.info("study %s: %d slices analysed in %.1f s, %d file(s) skipped", analysis.study_hash[:12], len(analysis.results),
+                 seconds, len(analysis.skipped))
+        study = served.bundle.study(analysis.results)
+        uid = str(getattr(identifiers, "StudyInstanceUID", "") or "")
+        audit_analysis("dicom-node", study_key(uid) if uid else f"ch-{analysis.study_hash[:16]}", served.name, served.bundle.version,
+                       study.label, study.probability if study.answered else None,
+                       f"study rule {rule_name(served.bundle.study_rule)}, threshold {float(served.bundle.study_rule.get('threshold', 0.5)):.3f}",  # type: ignore[arg-type]
+                       study.total, study.refused, seconds)
+
+    def _deliver(self, key: str) -> None:
+        """Send one answer from the outbox; a failure is retried with back-off, then moved to dead-letter/."""
+        state = self.outbox.state(key)
+        study = str(state["study"])
         try:
-            statuses = send(reply, self.destination, self.ae_title, self.limits)
-        except CovidscanError as exc:
-            log.error("study %s analysed, answer not delivered (tried again in %.0f s): %s", analysis.study_hash[:12], RETRY_S, exc)
-            return False
+            statuses = send(self.outbox.load(key), self.destination, self.ae_title, self.limits)
+            refused = [s for s in statuses if s is not None and s != STATUS_SUCCESS]
+            if refused:
+                raise CovidscanError(f"{self.destination.ae_title} answered " + ",".join(f"0x{s:04X}" for s in refused))
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, CovidscanError) else exception_summary(exc)
+            delay = self.outbox.failed(key, reason)
+            if delay is None:
+                log.error("study %s: answer moved to %s after %d failed deliveries: %s", study[:12], self.outbox.dead / key,
+                          self.outbox.attempts, reason)
+            else:
+                log.error("study %s: answer not delivered (attempt %d of %d; next in %.0f s): %s", study[:12],
+                          int(state["attempts"]) + 1, self.outbox.attempts, delay, reason)
+            return
         for kind, status in zip(("SR", "heat-map Secondary Capture"), statuses):
             if status is None:
-                log.error("study %s: %s not sent: %s accepts no presentation context for it", analysis.study_hash[:12], kind,
-                          self.destination.ae_title)
-        self.answered.append(analysis.study_hash)
-        log.info("study %s: %d slices analysed in %.1f s, %d file(s) skipped; answer sent to %s (statuses %s)",
-                 analysis.study_hash[:12], len(analysis.results), time.perf_counter() - started, len(analysis.skipped),
-                 self.destination.ae_title, ",".join("not accepted" if s is None else f"0x{s:04X}" for s in statuses))
-        return True
+                log.error("study %s: %s not sent: %s accepts no presentation context for it", study[:12], kind, self.destination.ae_title)
+        self.outbox.delivered(key)
+        self.answered.append(study)
+        log.info("study %s: answer sent to %s (statuses %s)", study[:12], self.destination.ae_title,
+                 ",".join("not accepted" if s is None else f"0x{s:04X}" for s in statuses))
 
 
 def _close(sock: socket.socket | None) -> None:

@@ -1,20 +1,30 @@
-"""The DICOM node's spool: received instances on disk until their study is answered.
+"""The DICOM node's spool: received instances on disk until their study is analysed, answers until delivered.
 
-One folder per study, one file per instance, both named by a hash of their UID
-(no patient field in a path). Files are written atomically (temporary name,
-then rename), so a killed node leaves either a whole instance or none, and a
-restarted node picks up every study it holds: nothing acknowledged to a PACS is
-lost. The spool is bounded by bytes, not by a count of instances: a sender of
-huge instances is refused (0xA700, out of resources) when the bound is reached,
-and the node's memory holds one instance per association at most.
+`incoming/`: one folder per study, one file per instance, both named by a hash
+of their UID (no patient field in a path). Files are written atomically
+(temporary name, then rename), so a killed node leaves either a whole instance
+or none, and a restarted node picks up every study it holds: nothing
+acknowledged to a PACS is lost. Bounded by bytes, not by a count of instances:
+a sender of huge instances is refused (0xA700, out of resources) when the bound
+is reached, and the node's memory holds one instance per association at most.
+
+`outbox/`: the answer of each analysed study (its DICOM objects and a state
+file), written before the study's instances are deleted; delivery is retried
+with back-off and, after the last attempt, the folder moves to `dead-letter/`
+with the reason. A restarted node delivers what the outbox holds without
+analysing the study again, and the objects keep their UIDs, so a PACS files
+one answer however often it is sent.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from covidscan.data.study import StudyFiles, folder_study
 from covidscan.errors import CovidscanError
@@ -41,14 +51,15 @@ class Spool:
     """Studies waiting on disk (module docstring); thread-safe. A study is ready when nothing arrived for `idle_s`."""
 
     def __init__(self, root: Path, max_bytes: int = DEFAULT_SPOOL_BYTES) -> None:
-        self.root, self.max_bytes = Path(root), max_bytes
+        self.top, self.max_bytes = Path(root), max_bytes
+        self.root = self.top / "incoming"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".write-check-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            raise CovidscanError(f"{self.root}: the DICOM spool folder is not writable ({exc.strerror}); give a writable "
+            raise CovidscanError(f"{self.top}: the DICOM spool folder is not writable ({exc.strerror}); give a writable "
                                  f"folder with --spool (in a read-only container: a mounted volume)") from None
         self._lock = threading.Lock()
         self._due: dict[str, float] = {}  # study -> monotonic time it became idle (or its next retry)
@@ -109,14 +120,11 @@ class Spool:
         study instead of being deleted with this one. Returns the claimed key (pass it to `files`, `remove`)."""
         with self._lock:
             self._due.pop(key, None)
-            claimed = f"{key.split('~')[0]}~{time.time_ns()}"
+            if "~" in key:  # claimed before a restart: keep its name (its answer may already be in the outbox)
+                return key
+            claimed = f"{key}~{time.time_ns()}"
             os.replace(self.root / key, self.root / claimed)
             return claimed
-
-    def retry_later(self, key: str, delay_s: float) -> None:
-        """Keep a claimed study and offer it again after `delay_s` (its answer could not be delivered)."""
-        with self._lock:
-            self._due[key] = time.monotonic() + delay_s
 
     def files(self, key: str) -> StudyFiles:
         """The study's instances, read from disk when asked."""
@@ -137,3 +145,67 @@ class Spool:
         with self._lock:
             self._due.pop(key, None)
             self._bytes -= freed
+
+
+class Outbox:
+    """Answers waiting for delivery (module docstring). Thread-safe enough for one delivering thread."""
+
+    def __init__(self, root: Path, retry_s: float, attempts: int) -> None:
+        self.root, self.dead = Path(root) / "outbox", Path(root) / "dead-letter"
+        self.retry_s, self.attempts = retry_s, attempts
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.dead.mkdir(parents=True, exist_ok=True)
+        for partial in self.root.glob("*.partial"):
+            shutil.rmtree(partial, ignore_errors=True)
+        for folder in self.root.iterdir():  # a restart (often after the destination was fixed) tries every answer at once
+            if (folder / "state.json").is_file():
+                state = self.state(folder.name)
+                state["next_try"] = time.time()
+                (folder / "state.json").write_text(json.dumps(state))
+
+    def has(self, key: str) -> bool:
+        return (self.root / key / "state.json").is_file()
+
+    def put(self, key: str, datasets: list[Any], study: str) -> None:
+        """Keep a study's answer (atomically: a temporary folder renamed into place)."""
+        partial = self.root / f"{key}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        for index, ds in enumerate(datasets):
+            ds.save_as(partial / f"{index}.dcm", enforce_file_format=True)
+        state = {"study": study, "attempts": 0, "next_try": time.time(), "created": time.time()}
+        (partial / "state.json").write_text(json.dumps(state))
+        for path in partial.iterdir():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        os.replace(partial, self.root / key)
+
+    def due(self) -> list[str]:
+        now = time.time()
+        return [folder.name for folder in sorted(self.root.iterdir())
+                if folder.is_dir() and not folder.name.endswith(".partial") and self.state(folder.name)["next_try"] <= now]
+
+    def state(self, key: str) -> dict[str, Any]:
+        return dict(json.loads((self.root / key / "state.json").read_text()))
+
+    def load(self, key: str) -> list[Any]:
+        from pydicom import dcmread
+
+        return [dcmread(path) for path in sorted((self.root / key).glob("*.dcm"), key=lambda p: int(p.stem))]
+
+    def delivered(self, key: str) -> None:
+        shutil.rmtree(self.root / key, ignore_errors=True)
+
+    def failed(self, key: str, reason: str) -> float | None:
+        """Record a failed delivery; the seconds until the next try, or None when the answer moved to dead-letter/."""
+        state = self.state(key)
+        state["attempts"] += 1
+        state["last_error"] = reason
+        if state["attempts"] >= self.attempts:
+            (self.root / key / "state.json").write_text(json.dumps(state))
+            os.replace(self.root / key, self.dead / key)
+            return None
+        delay = self.retry_s * 2 ** (state["attempts"] - 1)
+        state["next_try"] = time.time() + delay
+        (self.root / key / "state.json").write_text(json.dumps(state))
+        return delay
