@@ -361,3 +361,28 @@ def test_unknown_calling_and_called_ae_titles_are_refused(tiny_bundle: Path, tmp
         assert not associates("CT_SCANNER", "SOMEONE_ELSE")
     finally:
         listener.stop()
+
+
+def test_a_study_sent_again_unchanged_gets_one_answer(tiny_bundle: Path, tiny_run: Path, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """The same study (same StudyInstanceUID and instances) sent twice: one analysis, one SR and one SC; the same
+    study with one more instance is a new answer."""
+    from covidscan.serve.dicom_node import SC_CLASS, SR_CLASS, Destination, DicomListener
+
+    caplog.set_level(logging.INFO)
+    study = _study(tiny_run, tmp_path / "s", 1, count=5)
+    with _pacs((SR_CLASS, SC_CLASS)) as (pacs_port, received, arrived):
+        listener = DicomListener(str(tiny_bundle), Destination("127.0.0.1", pacs_port, "PACS"), port=0, idle_s=0.2,
+                                 spool_dir=tmp_path / "spool")
+        listener.start()
+        try:
+            assert _send(listener.port, study[:4]) == [0x0000] * 4
+            assert _wait(lambda: len(received) >= 2, 60)
+            assert _send(listener.port, study[:4]) == [0x0000] * 4  # again, unchanged
+            assert _wait(lambda: "sent again with the same 4 instances" in caplog.text, 30)
+            assert len(received) == 2 and len(listener.analysed) == 1
+            assert _send(listener.port, study) == [0x0000] * 5  # one more slice: a new answer
+            assert _wait(lambda: len(received) >= 4, 60)
+        finally:
+            listener.stop()
+    assert len(listener.analysed) == 2 and len(received) == 4

@@ -56,7 +56,7 @@ from covidscan.errors import CovidscanError, ImageReadError, exception_summary
 from covidscan.serve.audit import audit_analysis
 from covidscan.serve.predictor import Bundle, EnsembleBundle
 from covidscan.serve.router import NoModelForModality, load_router
-from covidscan.serve.spool import DEFAULT_SPOOL_BYTES, Outbox, Spool, SpoolFull, default_spool_dir
+from covidscan.serve.spool import DEFAULT_SPOOL_BYTES, AnsweredLedger, Outbox, Spool, SpoolFull, default_spool_dir
 from covidscan.serve.study_view import StudyAnalysis, analyse_routed_study
 
 log = logging.getLogger("covidscan.dicom")
@@ -284,6 +284,7 @@ class DicomListener:
         spool_root = Path(spool_dir) if spool_dir else default_spool_dir()
         self.spool = Spool(spool_root, self.limits.spool_bytes)
         self.outbox = Outbox(spool_root, retry_s, max(1, attempts))
+        self.ledger = AnsweredLedger(spool_root)
         self.allowed_callers = tuple(allowed_callers)
         self.analysed: list[str] = []  # study hashes analysed (an answer put in the outbox), for callers and tests
         folders = [bundle_dirs] if isinstance(bundle_dirs, str) else list(bundle_dirs)
@@ -416,11 +417,17 @@ class DicomListener:
             self._deliver(key)
 
     def _answer(self, key: str) -> None:
-        """Analyse the spooled study `key`; its answer goes to the outbox before its instances are deleted."""
+        """Analyse the spooled study `key`; its answer goes to the outbox before its instances are deleted. A study
+        answered before with exactly these instances (sent again) is not analysed again: the earlier answer stands."""
         from pydicom import dcmread
 
         started = time.perf_counter()
         files = self.spool.files(key)
+        signature = AnsweredLedger.signature(key, list(files))
+        if self.ledger.seen(signature):
+            log.info("study %s: sent again with the same %d instances; already answered, not analysed again", key[:12], len(files))
+            self.spool.remove(key)
+            return
         try:
             analysis, served, _ = analyse_routed_study(self.router, files, self.max_slices)
         except (ImageReadError, NoModelForModality) as exc:
@@ -432,6 +439,7 @@ class DicomListener:
         lines = answer_lines(analysis, served.bundle)
         reply = [structured_report(lines, identifiers), secondary_capture(analysis, served.bundle, lines, identifiers)]
         self.outbox.put(key, reply, analysis.study_hash)
+        self.ledger.add(signature)  # recorded once the answer is durable: a re-sent study gets this answer, not a second one
         self.spool.remove(key)
         self.analysed.append(analysis.study_hash)
         seconds = time.perf_counter() - started

@@ -209,3 +209,37 @@ class Outbox:
         state["next_try"] = time.time() + delay
         (self.root / key / "state.json").write_text(json.dumps(state))
         return delay
+
+
+class AnsweredLedger:
+    """Which studies were answered, with which instances: a study sent again unchanged (same StudyInstanceUID, same
+    SOP instances) is recognised and not analysed again. One JSON line per delivered answer in `answered.jsonl`
+    (hashes only); the last `keep` are remembered."""
+
+    def __init__(self, root: Path, keep: int = 100_000) -> None:
+        self.path, self.keep = Path(root) / "answered.jsonl", keep
+        self._seen: dict[str, None] = {}
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines()[-keep:]:
+                try:
+                    self._seen[str(json.loads(line)["signature"])] = None
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut off by a kill
+
+    @staticmethod
+    def signature(key: str, instance_names: list[str]) -> str:
+        """The study (its spool key without the claim suffix: a hash of the StudyInstanceUID) and its instances."""
+        digest = hashlib.sha256(key.split("~")[0].encode())
+        for name in sorted(instance_names):
+            digest.update(name.encode())
+        return digest.hexdigest()[:32]
+
+    def seen(self, signature: str) -> bool:
+        return signature in self._seen
+
+    def add(self, signature: str) -> None:
+        self._seen[signature] = None
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({"signature": signature, "time": time.time()}) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
