@@ -386,3 +386,36 @@ def test_a_study_sent_again_unchanged_gets_one_answer(tiny_bundle: Path, tiny_ru
         finally:
             listener.stop()
     assert len(listener.analysed) == 2 and len(received) == 4
+
+
+def test_dicom_over_tls_answers_a_tls_peer_and_refuses_a_plain_one(tiny_bundle: Path, tmp_path: Path) -> None:
+    """The node with a certificate (tests/tls, self-signed, test only): a peer that trusts it gets its C-ECHO
+    answered over TLS; a plain-TCP peer gets no association; a peer that connects and never starts TLS does not
+    hold the node past the connect time-out."""
+    import ssl
+
+    from pynetdicom import AE
+
+    from covidscan.serve.dicom_node import Destination, DicomListener, NodeLimits, TlsSettings
+
+    tls_dir = Path(__file__).parent / "tls"
+    listener = DicomListener(str(tiny_bundle), Destination("127.0.0.1", 9, "PACS"), port=0, spool_dir=tmp_path / "spool",
+                             limits=NodeLimits(connect_timeout_s=2.0), tls=TlsSettings(tls_dir / "node.crt", tls_dir / "node.key"))
+    listener.start()
+    silent = socket.create_connection(("127.0.0.1", listener.port), timeout=5)  # never sends a ClientHello
+    try:
+        time.sleep(2.5)
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls_dir / "node.crt"))
+        ae = AE(ae_title="WARD")
+        ae.acse_timeout = ae.network_timeout = 5
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", listener.port, ae_title="COVIDSCAN", tls_args=(client, "127.0.0.1"))
+        assert assoc.is_established, "a TLS peer was refused"
+        assert int(assoc.send_c_echo().Status) == 0x0000
+        assoc.release()
+        plain = ae.associate("127.0.0.1", listener.port, ae_title="COVIDSCAN")
+        assert not plain.is_established
+    finally:
+        silent.close()
+        listener.stop()
+        socket.setdefaulttimeout(None)

@@ -604,6 +604,10 @@ def dicom_listen_command(
     allow_caller: Annotated[Optional[list[str]], typer.Option("--allow-caller", help="Accept associations only from this calling AE title (repeatable; default: any).")] = None,
     retry_seconds: Annotated[float, typer.Option(help="First wait before an undelivered answer is sent again (doubling each time).")] = 60.0,
     delivery_attempts: Annotated[int, typer.Option(help="Deliveries tried before an answer moves to the spool's dead-letter folder.")] = 8,
+    tls_cert: Annotated[Optional[Path], typer.Option(help="TLS: this node's certificate (PEM); incoming associations then need TLS.")] = None,
+    tls_key: Annotated[Optional[Path], typer.Option(help="TLS: the certificate's private key (PEM).")] = None,
+    tls_client_ca: Annotated[Optional[Path], typer.Option(help="TLS: require a peer certificate signed by this CA (PEM).")] = None,
+    tls_destination_ca: Annotated[Optional[Path], typer.Option(help="TLS: send the answers over TLS, checking the destination against this CA.")] = None,
     idle_seconds: Annotated[float, typer.Option(help="A study is complete when no instance of it arrived for this long.")] = 10.0,
     spool: Annotated[Optional[Path], typer.Option(help="Folder for received instances until answered (kept over a restart); "
                                                        "default ~/.cache/covidscan/dicom-spool.")] = None,
@@ -619,13 +623,13 @@ def dicom_listen_command(
     import signal
     import threading
 
-    from covidscan.serve.dicom_node import Destination, DicomListener, NodeLimits
+    from covidscan.serve.dicom_node import Destination, DicomListener, NodeLimits, TlsSettings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     limits = NodeLimits(max_associations, per_peer, connect_timeout, idle_timeout, spool_bytes=int(spool_gb * 1e9))
     listener = DicomListener([str(b) for b in bundles], Destination.parse(send_to), port, host, ae_title, idle_seconds,
                              spool_dir=spool, limits=limits, allowed_callers=tuple(allow_caller or ()), retry_s=retry_seconds,
-                             attempts=delivery_attempts)
+                             attempts=delivery_attempts, tls=TlsSettings(tls_cert, tls_key, tls_client_ca, tls_destination_ca))
     listener.start()
     _log(f"{ae_title} listening on {host}:{listener.port}; answers to {send_to}. Ctrl-C stops. {DISCLAIMER}")
     stop = threading.Event()

@@ -26,7 +26,8 @@ then twice as long, ..., `attempts` times, then moved to `dead-letter/` with the
 reason; a destination that refuses one of the two answers still gets the other.
 Access: the called AE title must be the node's own, and with `allowed_callers`
 only those calling AE titles are accepted; the node listens on 127.0.0.1 unless
-told otherwise.
+told otherwise; `TlsSettings` puts incoming associations (and, with a CA for the
+destination, the answers) on TLS.
 
 Network hygiene (`NodeLimits`, each a `dicom-listen` option): at most
 `max_associations` associations at once and `per_peer` from one IP address (a
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -219,7 +221,8 @@ def secondary_capture(analysis: StudyAnalysis, bundle: Bundle | EnsembleBundle, 
     return ds
 
 
-def send(datasets: list[object], destination: Destination, calling_ae: str, limits: NodeLimits | None = None) -> list[int | None]:
+def send(datasets: list[object], destination: Destination, calling_ae: str, limits: NodeLimits | None = None,
+         tls: tuple[ssl.SSLContext, str] | None = None) -> list[int | None]:
     """C-STORE each data set to the destination; returns one status per data set (0 = success; None: the destination
     accepts no presentation context for its SOP class, so it was not sent, and the others still were)."""
     from pynetdicom import AE
@@ -229,7 +232,7 @@ def send(datasets: list[object], destination: Destination, calling_ae: str, limi
     ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = limits.connect_timeout_s, limits.dimse_timeout_s, limits.idle_timeout_s
     for ds in datasets:
         ae.add_requested_context(str(ds.SOPClassUID), "1.2.840.10008.1.2.1")  # type: ignore[attr-defined]
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls)
     if not assoc.is_established:
         raise CovidscanError(f"cannot reach {destination.ae_title} at {destination.host}:{destination.port} (association refused or failed)")
     try:
@@ -261,6 +264,43 @@ def check_patient_key_secret() -> None:
                              f"COVIDSCAN_SECRET_FILE to a writable file, or mount the installation's secret there") from None
 
 
+@dataclass(frozen=True)
+class TlsSettings:
+    """DICOM over TLS (PS3.15 B.1; pynetdicom's ssl contexts): the node's certificate and key for incoming
+    associations; `client_ca` also requires and checks a certificate from every peer; `destination_ca` sends the
+    answers over TLS, checking the destination's certificate against it."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+    destination_ca: Path | None = None
+
+    def server_context(self) -> ssl.SSLContext | None:
+        if self.cert is None:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(self.cert, self.key)
+            if self.client_ca is not None:
+                context.verify_mode = ssl.CERT_REQUIRED
+                context.load_verify_locations(self.client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise CovidscanError(f"TLS: cannot load the certificate {self.cert} / key {self.key} / CA {self.client_ca} ({exc})") from None
+        return context
+
+    def client_args(self, host: str) -> tuple[ssl.SSLContext, str] | None:
+        if self.destination_ca is None:
+            return None
+        try:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.destination_ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise CovidscanError(f"TLS: cannot load the destination's CA {self.destination_ca} ({exc})") from None
+        if self.cert is not None:
+            context.load_cert_chain(self.cert, self.key)  # the destination may ask for the node's certificate
+        return context, host
+
+
 @dataclass
 class _Connection:
     peer: str
@@ -275,7 +315,7 @@ class DicomListener:
     def __init__(self, bundle_dirs: str | list[str], destination: Destination, port: int = 11112, host: str = "127.0.0.1",
                  ae_title: str = "COVIDSCAN", idle_s: float = 10.0, max_slices: int = 1024, spool_dir: str | Path | None = None,
                  limits: NodeLimits | None = None, allowed_callers: tuple[str, ...] = (), retry_s: float = RETRY_S,
-                 attempts: int = DELIVERY_ATTEMPTS) -> None:
+                 attempts: int = DELIVERY_ATTEMPTS, tls: TlsSettings | None = None) -> None:
         """Several bundles: one per modality; each study goes to the model of its Modality tag (serve/router.py).
         `allowed_callers`: the calling AE titles accepted (empty: any); the called AE title must be `ae_title`.
         Fails here, with a clear error, when the spool folder or the patient-key secret cannot be written."""
@@ -286,6 +326,8 @@ class DicomListener:
         self.outbox = Outbox(spool_root, retry_s, max(1, attempts))
         self.ledger = AnsweredLedger(spool_root)
         self.allowed_callers = tuple(allowed_callers)
+        self.tls = tls or TlsSettings()
+        self.server_tls = self.tls.server_context()  # a bad certificate stops the node here, not at the first peer
         self.analysed: list[str] = []  # study hashes analysed (an answer put in the outbox), for callers and tests
         folders = [bundle_dirs] if isinstance(bundle_dirs, str) else list(bundle_dirs)
         self.router = load_router(folders)
@@ -368,7 +410,12 @@ class DicomListener:
             ae.require_calling_aet = list(self.allowed_callers)
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_CONN_OPEN, self._on_open),
                     (evt.EVT_ESTABLISHED, self._on_established), (evt.EVT_CONN_CLOSE, self._on_close)]
-        self.server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+        if self.server_tls is not None:
+            # pynetdicom runs the TLS handshake in its accept loop: a peer that connects and never starts TLS would
+            # hold every new connection. Accepted sockets take the default time-out, so the handshake gives up after
+            # the connect time-out (process-wide: the node's process only opens DICOM sockets).
+            socket.setdefaulttimeout(self.limits.connect_timeout_s)
+        self.server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers, ssl_context=self.server_tls)
         self.port = self.server.server_address[1]  # type: ignore[attr-defined]
         self.worker = threading.Thread(target=self._watch, daemon=True, name="covidscan-dicom-studies")
         self.worker.start()
@@ -457,7 +504,7 @@ class DicomListener:
         state = self.outbox.state(key)
         study = str(state["study"])
         try:
-            statuses = send(self.outbox.load(key), self.destination, self.ae_title, self.limits)
+            statuses = send(self.outbox.load(key), self.destination, self.ae_title, self.limits, self.tls.client_args(self.destination.host))
             refused = [s for s in statuses if s is not None and s != STATUS_SUCCESS]
             if refused:
                 raise CovidscanError(f"{self.destination.ae_title} answered " + ",".join(f"0x{s:04X}" for s in refused))
