@@ -98,7 +98,7 @@ def test_a_mostly_refused_study_is_not_evaluable_in_the_structured_report(tiny_b
 
     router = Router([("tiny", load_bundle(tiny_bundle))])
     series = mostly_refused_series(tiny_run, tmp_path / "s")
-    analysis, served, _ = analyse_routed_study(router, [(p.name, p.read_bytes()) for p in series], 1024)
+    analysis, served, _ = analyse_routed_study(router, {p.name: p.read_bytes() for p in series}, 1024)
     sr = structured_report(answer_lines(analysis, served.bundle), _identifiers(dcmread(series[0])))
     texts = {item.ConceptNameCodeSequence[0].CodeMeaning: item.TextValue for item in sr.ContentSequence}
     assert texts["Study answer"].startswith("not evaluable with this model: the input gate refused")

@@ -155,3 +155,19 @@ def test_study_view_windows_hu_itself_and_keeps_gray_only_for_inputs_without_hu(
     gray = np.array([[[7, 9]]], np.uint8)
     plain = StudyView(hu=None, gray=gray, heat=np.zeros((1, 1, 2), np.uint8), sources=["a"])
     assert plain.windows == ["as sent"] and np.array_equal(plain.gray_slice(0, "mediastinum"), gray[0])
+
+
+def test_study_views_are_bounded_by_bytes_oldest_first() -> None:
+    """The viewer keeps studies until together they would pass the byte bound; then the oldest goes (before: a count
+    of 4, whatever their size). The newest is always kept."""
+    from covidscan.serve.study_view import StudyView, StudyViews
+
+    def view(slices: int) -> StudyView:
+        return StudyView(hu=np.zeros((slices, 16, 16), np.int16), gray=None, heat=np.zeros((slices, 16, 16), np.uint8), sources=[""] * slices)
+
+    one = view(10).nbytes  # 10 slices x 16 x 16 x (2 + 1) bytes
+    views = StudyViews(max_bytes=3 * one)
+    keys = [views.add(view(10)) for _ in range(4)]
+    assert views.get(keys[0]) is None and all(views.get(k) is not None for k in keys[1:])
+    big = views.add(view(40))  # larger than the whole bound: kept alone
+    assert views.get(big) is not None and all(views.get(k) is None for k in keys)

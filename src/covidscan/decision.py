@@ -243,6 +243,11 @@ def rule_name(rule: dict[str, object]) -> str:
     return f"mean of the top {rule['k']} slices" if rule.get("aggregation") == "topk" else f"{rule.get('aggregation')} of the slices"
 
 
+def rule_text(rule: dict[str, object]) -> str:
+    """The study rule with its validated threshold, as the SR, the audit lines and the service state it."""
+    return f"{rule_name(rule)}, threshold {float(rule.get('threshold', 0.5)):.3f}"  # type: ignore[arg-type]
+
+
 def study_scores(patient_ids: np.ndarray, y: np.ndarray, score: np.ndarray, rule: dict[str, object]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(patient IDs, patient labels (any positive slice), study probabilities) by the rule."""
     patient_ids = np.asarray(patient_ids).astype(str)

@@ -211,8 +211,14 @@ class StudyFiles(Mapping[str, bytes]):
         reader = self._heads.get(name)
         return reader()[:size] if reader else self[name][:size]
 
-    def merged(self, other: StudyFiles) -> StudyFiles:
-        return StudyFiles({**self._readers, **other._readers}, {**self._heads, **other._heads})
+    @classmethod
+    def combined(cls, parts: Iterable[StudyFiles]) -> StudyFiles:
+        readers: dict[str, Callable[[], bytes]] = {}
+        heads: dict[str, Callable[[], bytes]] = {}
+        for part in parts:
+            readers.update(part._readers)
+            heads.update(part._heads)
+        return cls(readers, heads)
 
 
 class ZipStudy:

@@ -49,6 +49,7 @@ from covidscan import DISCLAIMER
 from covidscan.data.io import ImageData, ImageReadError, iter_image_bytes, quiet_pydicom, routing_modality, sniff_kind
 from covidscan.serve import DEFAULT_MAX_UPLOAD_MB
 from covidscan.explain.overlay import colorize, png_bytes
+from covidscan.decision import rule_text
 from covidscan.serve.audit import audit_analysis
 from covidscan.serve.predictor import EnsembleBundle, Bundle, SliceResult
 from covidscan.data.study import StudyFiles, is_zip
@@ -427,7 +428,6 @@ def create_app(
         for position, upload in enumerate(files):
             named.append((f"#{position + 1} {(upload.filename or 'upload')[:120]}", await upload.read()))
             await upload.close()  # frees the in-memory spool: the bytes are now held once
-        content_key = _content_key(named)
         if study or any(is_zip(data) for _, data in named):
             contents, analysis = await run_in_threadpool(analyse_dicom_study, named)
             if analysis is not None:
@@ -438,6 +438,7 @@ def create_app(
                 return answer
         else:
             contents = StudyFiles.in_memory(named)
+        content_key = await run_in_threadpool(_content_key, named)  # hashing 300 MB would stall the event loop
         del named  # from here each file (zip member) is read when its turn comes: one in memory at a time
         out_files: list[FileOut] = []
         all_results: list[SliceResult] = []
@@ -466,7 +467,7 @@ def create_app(
         labels = [r.label for r in all_results if r.in_distribution]
         answer = summary.label if summary else ", ".join(f"{labels.count(label)} {label}" for label in dict.fromkeys(labels)) or "refused"
         audit_analysis("service", content_key, lead.name, lead.bundle.version, answer, summary.probability if summary else None,
-                       f"study rule {summary.rule}, threshold {summary.threshold:.3f}" if summary else f"slice threshold {lead.bundle.threshold:.3f}",
+                       f"study rule {rule_text(lead.bundle.study_rule)}" if summary else f"slice threshold {lead.bundle.threshold:.3f}",
                        len(all_results), sum(not r.in_distribution for r in all_results), total_ms / 1000)
         return PredictOut(
             decision_support=DISCLAIMER, model=lead.name, model_version=lead.bundle.version, threshold=lead.bundle.threshold,
@@ -507,7 +508,7 @@ def create_app(
         log.info("predict: DICOM study, %d slice(s) analysed, %d file(s) skipped, %.1f ms", len(results), len(analysis.skipped), total_ms)
         model = served.bundle
         audit_analysis("service", f"ch-{analysis.study_hash[:16]}", served.name, model.version, summary.label, summary.probability,
-                       f"study rule {summary.rule}, threshold {summary.threshold:.3f}", len(results), summary.slices_refused, total_ms / 1000)
+                       f"study rule {rule_text(model.study_rule)}", len(results), summary.slices_refused, total_ms / 1000)
         return PredictOut(
             decision_support=DISCLAIMER, model=served.name, model_version=model.version, threshold=model.threshold, positive_class=model.classes[-1],
             results=[FileOut(file=f"DICOM series ({analysis.plan.describe()})", kind="dicom-series", model=_model_ref(served, routed_by),

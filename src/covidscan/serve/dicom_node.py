@@ -53,7 +53,7 @@ import numpy as np
 from covidscan import DISCLAIMER
 from covidscan.data.io import quiet_pydicom
 from covidscan.data.pseudonym import study_key
-from covidscan.decision import rule_name
+from covidscan.decision import StudyAnswer, rule_text
 from covidscan.errors import CovidscanError, ImageReadError, exception_summary
 from covidscan.serve.audit import audit_analysis
 from covidscan.serve.predictor import Bundle, EnsembleBundle
@@ -139,9 +139,10 @@ def _new_instance(identifiers: object, sop_class: str, modality: str, series_num
     return ds
 
 
-def answer_lines(analysis: StudyAnalysis, bundle: Bundle | EnsembleBundle) -> list[tuple[str, str]]:
-    """The answer as (name, text) pairs: the SR's items and the Secondary Capture's burned-in text."""
-    study = bundle.study(analysis.results)
+def answer_lines(analysis: StudyAnalysis, bundle: Bundle | EnsembleBundle, study: StudyAnswer | None = None) -> list[tuple[str, str]]:
+    """The answer as (name, text) pairs: the SR's items and the Secondary Capture's burned-in text (`study`: the
+    study answer when the caller has it already)."""
+    study = study or bundle.study(analysis.results)
     if study.answered:
         answer = f"{study.label} (probability {study.probability:.3f})"
     elif study.used:
@@ -151,8 +152,7 @@ def answer_lines(analysis: StudyAnalysis, bundle: Bundle | EnsembleBundle) -> li
     lines = [
         ("Decision support", DISCLAIMER),
         ("Study answer", answer),
-        ("Study rule", f"{rule_name(bundle.study_rule)}, threshold {float(bundle.study_rule.get('threshold', 0.5)):.3f}; "  # type: ignore[arg-type]
-                       f"{bundle.evidence_rule.describe()}"),
+        ("Study rule", f"{rule_text(bundle.study_rule)}; {bundle.evidence_rule.describe()}"),
         ("Slices", f"{study.used} used, {study.refused} refused by the input gate as unlike the training data; "
                    f"{study.lung_slices} of {study.total} show lung"),
         ("Series", f"{analysis.plan.describe()}"),
@@ -451,7 +451,11 @@ class DicomListener:
             for key in self.outbox.due():
                 if self.done.is_set():
                     return
-                self._deliver(key)
+                try:
+                    self._deliver(key)
+                except Exception as exc:  # the answer on disk cannot be read: set it aside, never stop the loop
+                    log.error("answer %s moved to dead-letter/: %s", key[:12], exception_summary(exc))
+                    self.outbox.bury(key, exception_summary(exc))
 
     def _answer_safely(self, key: str) -> None:
         try:
@@ -483,7 +487,8 @@ class DicomListener:
             return
         first = self.spool.first_file(key)
         identifiers = _identifiers(dcmread(first, stop_before_pixels=True)) if first else None
-        lines = answer_lines(analysis, served.bundle)
+        study = served.bundle.study(analysis.results)
+        lines = answer_lines(analysis, served.bundle, study)
         reply = [structured_report(lines, identifiers), secondary_capture(analysis, served.bundle, lines, identifiers)]
         self.outbox.put(key, reply, analysis.study_hash)
         self.ledger.add(signature)  # recorded once the answer is durable: a re-sent study gets this answer, not a second one
@@ -492,11 +497,9 @@ class DicomListener:
         seconds = time.perf_counter() - started
         log.info("study %s: %d slices analysed in %.1f s, %d file(s) skipped", analysis.study_hash[:12], len(analysis.results),
                  seconds, len(analysis.skipped))
-        study = served.bundle.study(analysis.results)
         uid = str(getattr(identifiers, "StudyInstanceUID", "") or "")
         audit_analysis("dicom-node", study_key(uid) if uid else f"ch-{analysis.study_hash[:16]}", served.name, served.bundle.version,
-                       study.label, study.probability if study.answered else None,
-                       f"study rule {rule_name(served.bundle.study_rule)}, threshold {float(served.bundle.study_rule.get('threshold', 0.5)):.3f}",  # type: ignore[arg-type]
+                       study.label, study.probability if study.answered else None, f"study rule {rule_text(served.bundle.study_rule)}",
                        study.total, study.refused, seconds)
 
     def _deliver(self, key: str) -> None:

@@ -26,11 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from covidscan import atomic
 from covidscan.data.study import StudyFiles, folder_study
 from covidscan.errors import CovidscanError
 
 DEFAULT_SPOOL_BYTES = 4_000_000_000  # a dozen 300-slice CT studies waiting at once
-_SUFFIX, _PARTIAL = ".dcm", ".partial"
+_SUFFIX = ".dcm"
 
 
 class SpoolFull(CovidscanError):
@@ -62,12 +63,12 @@ class Spool:
             raise CovidscanError(f"{self.top}: the DICOM spool folder is not writable ({exc.strerror}); give a writable "
                                  f"folder with --spool (in a read-only container: a mounted volume)") from None
         self._lock = threading.Lock()
-        self._due: dict[str, float] = {}  # study -> monotonic time it became idle (or its next retry)
+        self._due: dict[str, float] = {}  # study -> monotonic time its last instance arrived
         self._bytes = 0
         now = time.monotonic()
         for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            for partial in folder.glob(f"*{_PARTIAL}"):
-                partial.unlink(missing_ok=True)  # a write cut off by a kill: never acknowledged
+            for partial in folder.glob(".*.tmp"):
+                partial.unlink(missing_ok=True)  # a write cut off by a kill (covidscan.atomic's temporary): never acknowledged
             sizes = [p.stat().st_size for p in folder.glob(f"*{_SUFFIX}")]
             if sizes:
                 self._due[folder.name], self._bytes = now, self._bytes + sum(sizes)
@@ -96,21 +97,15 @@ class Spool:
             self._bytes += len(data) - replaced
             self._due[key] = time.monotonic()
         try:
-            folder.mkdir(exist_ok=True)
-            partial = target.with_name(f"{target.name}.{threading.get_ident()}{_PARTIAL}")
-            with open(partial, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(partial, target)
-        except OSError:
+            atomic.write_bytes(target, data)
+        except Exception:
             with self._lock:
                 self._bytes -= len(data) - replaced
             raise
         return key
 
     def ready(self, idle_s: float) -> list[str]:
-        """Studies nothing arrived for in `idle_s` seconds (and not waiting for a retry)."""
+        """Studies nothing arrived for in `idle_s` seconds."""
         now = time.monotonic()
         with self._lock:
             return [key for key, since in self._due.items() if now - since >= idle_s]
@@ -161,7 +156,7 @@ class Outbox:
             if (folder / "state.json").is_file():
                 state = self.state(folder.name)
                 state["next_try"] = time.time()
-                (folder / "state.json").write_text(json.dumps(state))
+                atomic.write_json(folder / "state.json", state)
 
     def has(self, key: str) -> bool:
         return (self.root / key / "state.json").is_file()
@@ -173,17 +168,23 @@ class Outbox:
         partial.mkdir()
         for index, ds in enumerate(datasets):
             ds.save_as(partial / f"{index}.dcm", enforce_file_format=True)
-        state = {"study": study, "attempts": 0, "next_try": time.time(), "created": time.time()}
-        (partial / "state.json").write_text(json.dumps(state))
-        for path in partial.iterdir():
+        atomic.write_json(partial / "state.json", {"study": study, "attempts": 0, "next_try": time.time(), "created": time.time()})
+        for path in partial.glob("*.dcm"):
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
         os.replace(partial, self.root / key)
 
     def due(self) -> list[str]:
+        """Answers whose next try has come (one whose state cannot be read is due too: delivering it sets it aside)."""
         now = time.time()
         return [folder.name for folder in sorted(self.root.iterdir())
-                if folder.is_dir() and not folder.name.endswith(".partial") and self.state(folder.name)["next_try"] <= now]
+                if folder.is_dir() and not folder.name.endswith(".partial") and self._next_try(folder.name) <= now]
+
+    def _next_try(self, key: str) -> float:
+        try:
+            return float(self.state(key)["next_try"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0.0
 
     def state(self, key: str) -> dict[str, Any]:
         return dict(json.loads((self.root / key / "state.json").read_text()))
@@ -202,13 +203,18 @@ class Outbox:
         state["attempts"] += 1
         state["last_error"] = reason
         if state["attempts"] >= self.attempts:
-            (self.root / key / "state.json").write_text(json.dumps(state))
+            atomic.write_json(self.root / key / "state.json", state)
             os.replace(self.root / key, self.dead / key)
             return None
         delay = self.retry_s * 2 ** (state["attempts"] - 1)
         state["next_try"] = time.time() + delay
-        (self.root / key / "state.json").write_text(json.dumps(state))
+        atomic.write_json(self.root / key / "state.json", state)
         return delay
+
+    def bury(self, key: str, reason: str) -> None:
+        """Move an answer that cannot even be read (a damaged state or object) to dead-letter/, with the reason."""
+        os.replace(self.root / key, self.dead / key)
+        atomic.write_text(self.dead / key / "reason.txt", reason + "\n")
 
 
 class AnsweredLedger:

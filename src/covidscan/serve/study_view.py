@@ -92,11 +92,6 @@ class StudyViews:
         self._views: OrderedDict[str, StudyView] = OrderedDict()
         self._lock = threading.Lock()
 
-    @property
-    def nbytes(self) -> int:
-        with self._lock:
-            return sum(view.nbytes for view in self._views.values())
-
     def add(self, view: StudyView) -> str:
         key = secrets.token_urlsafe(16)
         with self._lock:
@@ -147,10 +142,8 @@ def _place_heat(heat: np.ndarray, seen: tuple[float, float, float, float], size:
 def expand_uploads(named: Iterable[tuple[str, bytes]]) -> StudyFiles:
     """Zips of DICOM folders opened into their files (named 'upload:member', inflated one at a time when read); other
     files as they are. Only the zips' directories are read here (their counts and declared sizes checked)."""
-    files = StudyFiles({})
-    for name, data in named:
-        files = files.merged(ZipStudy(data, name).files(f"{name}:") if is_zip(data) else StudyFiles.in_memory([(name, data)]))
-    return files
+    return StudyFiles.combined([ZipStudy(data, name).files(f"{name}:") if is_zip(data) else StudyFiles.in_memory([(name, data)])
+                                for name, data in named])
 
 
 @dataclass
@@ -193,11 +186,9 @@ def analyse_study(bundle: Bundle | EnsembleBundle, data: Mapping[str, bytes], ma
     return StudyAnalysis(plan, results, sources, view, skipped, digest.hexdigest())
 
 
-def analyse_routed_study(router: Router, named: Mapping[str, bytes] | list[tuple[str, bytes]], max_slices: int
-                         ) -> tuple[StudyAnalysis, ServedBundle, str]:
+def analyse_routed_study(router: Router, named: Mapping[str, bytes], max_slices: int) -> tuple[StudyAnalysis, ServedBundle, str]:
     """Plan the series, pick the model by its Modality tag (or, unknown, by the gates: the closest answer), analyse
     every slice. Raises ImageReadError (no usable slice) or router.NoModelForModality."""
-    named = named if isinstance(named, Mapping) else StudyFiles.in_memory(named)
     plan = plan_files(named.items(), router.can_serve)
     modality = next((header.modality for header in plan.slices if header.modality), "")
     chosen, routed_by = router.candidates("dicom", modality, "the study")
