@@ -171,17 +171,15 @@ def _dicom_dataset(data: bytes, where: str) -> object:
     """Parse DICOM bytes (with or without the 128-byte preamble); a deflated body inflates only up to the limits."""
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.filereader import read_dataset, read_preamble
+    from pydicom.filereader import read_dataset
 
     try:
-        stream = io.BytesIO(data)
-        read_preamble(stream, True)
-        meta = read_dataset(stream, False, True, stop_when=lambda tag, vr, length: tag.group != 2)
+        meta, offset = _file_meta(data)
         if str(meta.get("TransferSyntaxUID", "")) != _DEFLATED:
             return pydicom.dcmread(io.BytesIO(data), force=True)
         # Inflate the elements before the pixel data first, check the sizes they declare, then inflate only that much.
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        head = inflater.decompress(data[stream.tell():], _DEFLATED_HEAD_BYTES)
+        head = inflater.decompress(data[offset:], _DEFLATED_HEAD_BYTES)
         header = read_dataset(io.BytesIO(head), False, True, stop_when=lambda tag, vr, length: tag == 0x7FE00010)
         needed = _declared_pixel_bytes(header, where, MAX_PIXELS)
         rest = inflater.decompress(inflater.unconsumed_tail, needed + _DEFLATED_HEAD_BYTES)
@@ -386,16 +384,28 @@ def iter_dicom(data: bytes, where: str, ct_window: tuple[float, float] = LUNG_WI
         yield _frame_image(ds, frame, dict(meta), ct_window, keep_hu, where)
 
 
-def is_deflated_dicom(data: bytes) -> bool:
-    """Whether the file's meta says Deflated Explicit VR: reading such a file whole would inflate all of it (a
-    decompression bomb), so only `_dicom_dataset` reads it, within the limits. Reads the preamble and group 2 only."""
+def _file_meta(data: bytes) -> tuple[object, int]:
+    """The file meta (group 2, after the preamble if any) and the offset where the data set starts."""
     from pydicom.filereader import read_dataset, read_preamble
 
+    stream = io.BytesIO(data)
+    read_preamble(stream, True)
+    meta = read_dataset(stream, False, True, stop_when=lambda tag, vr, length: tag.group != 2)
+    return meta, stream.tell()
+
+
+def read_dicom_header(data: bytes, where: str) -> object:
+    """The data set without its pixel data; a deflated file is inflated only within the limits its header allows
+    (reading it whole would inflate all of it: a decompression bomb)."""
+    import pydicom
+
+    return _dicom_dataset(data, where) if is_deflated_dicom(data) else pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+
+
+def is_deflated_dicom(data: bytes) -> bool:
+    """Whether the file's meta says Deflated Explicit VR (reads the preamble and group 2 only)."""
     try:
-        stream = io.BytesIO(data)
-        read_preamble(stream, True)
-        meta = read_dataset(stream, False, True, stop_when=lambda tag, vr, length: tag.group != 2)
-        return str(meta.get("TransferSyntaxUID", "")) == _DEFLATED
+        return str(_file_meta(data)[0].get("TransferSyntaxUID", "")) == _DEFLATED  # type: ignore[attr-defined]
     except Exception:
         return False
 
@@ -406,7 +416,7 @@ def _multi_frame_header(data: bytes) -> object | None:
     import pydicom
 
     if is_deflated_dicom(data):
-        return None
+        return None  # read_dicom_header would inflate it; the whole-file path reads it within the limits
     try:
         header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
         frames = int(header.get("NumberOfFrames") or 1)

@@ -106,13 +106,12 @@ def _position(ds: object) -> float | None:
 
 def read_header(data: bytes, source: str) -> SliceHeader:
     """The planning fields of one DICOM file (pixel data is not read). Raises ImageReadError naming `source`."""
-    import pydicom
     from pydicom.errors import InvalidDicomError
 
-    from covidscan.data.io import _dicom_dataset, is_deflated_dicom
+    from covidscan.data.io import read_dicom_header
 
-    try:  # a deflated file is inflated only within the limits its header allows (a bomb stops there)
-        ds = _dicom_dataset(data, source) if is_deflated_dicom(data) else pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+    try:
+        ds = read_dicom_header(data, source)
         if "SOPClassUID" not in ds and "Rows" not in ds:
             raise ImageReadError(source, "not a DICOM image (no SOP class, no image size)")
         uid = str(ds.get("SeriesInstanceUID", "") or "")
