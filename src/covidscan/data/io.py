@@ -371,11 +371,16 @@ def _decoded_dicom(data: bytes, where: str, max_pixels: int) -> tuple[object, np
     return ds, raw, meta
 
 
+# Files above this size are checked for several frames, which are then decoded one at a time; below it (a CT slice is
+# 0.5 MB) the check, a second header parse, would cost about 15 % of the decode and save no memory worth having.
+STREAM_FRAMES_ABOVE_BYTES = 2_000_000
+
+
 def iter_dicom(data: bytes, where: str, ct_window: tuple[float, float] = LUNG_WINDOW, max_pixels: int = MAX_PIXELS,
                keep_hu: bool = False) -> Iterator[ImageData]:
     """Every frame of a DICOM file, decoded once (with `keep_hu`, CT frames also in HU). A multi-frame file is
     decoded one frame at a time from its bytes (`_iter_frames`), so a 300-frame CT never holds its stored values twice."""
-    header = _multi_frame_header(data)
+    header = _multi_frame_header(data) if len(data) > STREAM_FRAMES_ABOVE_BYTES else None
     if header is not None:
         yield from _iter_frames(data, header, where, ct_window, max_pixels, keep_hu)
         return

@@ -68,7 +68,7 @@ SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
 _PATIENT_AND_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
                       "StudyID", "AccessionNumber", "ReferringPhysicianName")
 RETRY_S = 60.0  # an answer that could not be delivered is tried again after this long, then twice as long, ...
-DELIVERY_ATTEMPTS = 8  # ... 8 attempts over about 4 hours, then the answer moves to the spool's dead-letter/ folder
+DELIVERY_ATTEMPTS = 8  # ... 8 attempts, the last 60 x (2^7 - 1) s = about 2 hours after the first, then the answer moves to the spool's dead-letter/ folder
 STATUS_SUCCESS, STATUS_OUT_OF_RESOURCES, STATUS_CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
 
 
